@@ -1,0 +1,12 @@
+"""The pack's nodes (V3 schema). Each module is a thin translation from node inputs to core calls."""
+from ..memory.comfy import node_api
+from .force_gc import ForceGC
+
+ComfyExtension, _, _ = node_api()
+
+NODES = [ForceGC]
+
+
+class HeadroomExtension(ComfyExtension):
+    async def get_node_list(self):
+        return list(NODES)
