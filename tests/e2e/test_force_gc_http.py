@@ -4,7 +4,7 @@ import json
 import pytest
 
 from server import PromptRejected
-from workflows import for_checkpoint, load_api_workflow
+from example_workflows import for_checkpoint, load_api_workflow
 
 
 def force_gc_workflow(checkpoint_name):

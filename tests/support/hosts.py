@@ -286,7 +286,7 @@ def _version_of(checkout: pathlib.Path) -> str:
     return "local"
 
 
-def prepare_hosts() -> list[PreparedHost]:
+def prepare_hosts(newest_only: bool = False) -> list[PreparedHost]:
     """Every pinned host (or the single COMFYUI_DIR host), checked out and with its environment."""
     comfyui_dir = os.environ.get("COMFYUI_DIR")
     if comfyui_dir:
@@ -298,12 +298,27 @@ def prepare_hosts() -> list[PreparedHost]:
         host = Host(_version_of(checkout), head.stdout.strip() if head.returncode == 0 else "")
         return [PreparedHost(host, checkout, ensure_host_env(host, checkout), ())]
     hosts, default_source = pinned_hosts()
+    if newest_only:
+        hosts = hosts[-1:]  # hosts.toml lists them oldest first
     sources = git_sources(default_source)
     prepared = []
     for host in hosts:
         checkout, missing = ensure_checkout(host, sources)
         prepared.append(PreparedHost(host, checkout, ensure_host_env(host, checkout), tuple(missing)))
     return prepared
+
+
+def exec_in_newest_host(script: pathlib.Path, argv: list[str]) -> None:
+    """Prepare the newest pinned host (or COMFYUI_DIR) and replace this process by `script` run in
+    its environment, with HEADROOM_COMFYUI_DIR set. For the main job and the benchmarks."""
+    try:
+        prepared = prepare_hosts(newest_only=True)[0]
+    except HostError as error:
+        sys.exit(f"[headroom] {error}")
+    print(f"[headroom] ComfyUI {prepared.host.name} at {prepared.comfyui_dir}", flush=True)
+    env = {**os.environ, "HEADROOM_COMFYUI_DIR": str(prepared.comfyui_dir)}
+    command = [str(prepared.python), "-P", str(script), *argv]
+    os.execve(command[0], command, env)
 
 
 if __name__ == "__main__":

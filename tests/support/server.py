@@ -42,7 +42,7 @@ def _free_port() -> int:
 class ComfyServer:
     def __init__(self, comfyui_dir: pathlib.Path, python: str = sys.executable,
                  checkpoints: list[pathlib.Path] = (), with_pack: bool = True, with_test_nodes: bool = True,
-                 extra_args: list[str] = ()):
+                 cpu: bool = True, extra_args: list[str] = ()):
         self.comfyui_dir = pathlib.Path(comfyui_dir)
         self.python = python
         self.base_dir = pathlib.Path(tempfile.mkdtemp(prefix="headroom-comfyui-"))
@@ -63,10 +63,10 @@ class ComfyServer:
         for checkpoint in checkpoints:
             (checkpoint_dir / checkpoint.name).symlink_to(checkpoint)
         self.output_dir = self.base_dir / "output"
-        self.extra_args = list(extra_args)
+        self.extra_args = (["--cpu"] if cpu else []) + list(extra_args)
 
     def start(self, timeout: float = 300) -> "ComfyServer":
-        command = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        command = [self.python, "main.py", "--listen", "127.0.0.1", "--port", str(self.port),
                    "--base-directory", str(self.base_dir), "--database-url", f"sqlite:///{self.base_dir / 'comfyui.db'}",
                    *self.extra_args]
         log = open(self.log_path, "wb")

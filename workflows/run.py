@@ -1,0 +1,84 @@
+"""The main job: run an example workflow headless through ComfyUI's HTTP API and print what Headroom did.
+
+    python3 workflows/run.py                      # the generated model, on a pinned ComfyUI
+    python3 workflows/run.py --checkpoint my.safetensors
+    COMFYUI_DIR=/path/to/ComfyUI python3 workflows/run.py
+
+It prepares what it needs (a ComfyUI checkout and its Python environment, cached under
+${XDG_CACHE_HOME:-~/.cache}/comfyui-headroom/, exactly as the test suite does), starts
+`main.py` headless on a free loopback port with the pack installed (on the CPU when there is no
+GPU), queues the workflow, follows it over the websocket, prints each Headroom record, saves the
+images into --out, stops the server and exits 0 (1 if the prompt failed).
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import shutil
+import sys
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SUPPORT_DIR = REPO_ROOT / "tests" / "support"
+sys.path.insert(0, str(SUPPORT_DIR))
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workflow", default="force_gc", help="name of workflows/<name>.api.json")
+    parser.add_argument("--checkpoint", type=pathlib.Path,
+                        help="your SD1.5-family checkpoint; without it a tiny generated model is used")
+    parser.add_argument("--steps", type=int, help="override the sampler steps")
+    parser.add_argument("--size", type=int, help="override the image width and height (px)")
+    parser.add_argument("--gpu", action="store_true", help="let ComfyUI use the GPU (default: --cpu)")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("headroom-output"),
+                        help="folder for the saved images (default: ./headroom-output)")
+    parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def inside(args) -> int:
+    import comfy_host
+    import generated_models
+    from server import ComfyServer
+    from example_workflows import for_checkpoint, load_api_workflow
+
+    generated = args.checkpoint is None
+    if generated:
+        comfy_host.import_comfyui()  # the generator takes the module shapes from ComfyUI itself
+        checkpoint = generated_models.tiny_sd15_checkpoint()
+        steps, size = args.steps or 4, args.size or 256
+    else:
+        checkpoint = args.checkpoint.resolve()
+        steps, size = args.steps, args.size
+    workflow = for_checkpoint(load_api_workflow(args.workflow), checkpoint.name, generated, steps, size)
+
+    server = ComfyServer(comfy_host.comfyui_dir(), checkpoints=[checkpoint], with_test_nodes=generated,
+                         cpu=not args.gpu)
+    print(f"[headroom] starting ComfyUI on {server.url} (log: {server.log_path})", flush=True)
+    server.start()
+    try:
+        run = server.run(workflow)
+        for node_id, node in sorted(workflow.items()):
+            for text in run.outputs(node_id).get("text", []):
+                if node["class_type"].startswith("Headroom"):
+                    print(f"[{node['class_type']} #{node_id}] {text}")
+        if not run.succeeded:
+            print(f"[headroom] the prompt failed: {run.error()}", file=sys.stderr)
+            return 1
+        args.out.mkdir(parents=True, exist_ok=True)
+        for node_output in run.history.get("outputs", {}).values():
+            for image in node_output.get("images", []):
+                source = server.output_dir / image["subfolder"] / image["filename"]
+                shutil.copy2(source, args.out / image["filename"])
+                print(f"[headroom] saved {args.out / image['filename']}")
+        return 0
+    finally:
+        server.cleanup()
+
+
+if __name__ == "__main__":
+    arguments = parse_args(sys.argv[1:])
+    if not arguments.inside:
+        from hosts import exec_in_newest_host
+        exec_in_newest_host(pathlib.Path(__file__), ["--inside", *sys.argv[1:]])
+    sys.exit(inside(arguments))
