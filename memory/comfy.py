@@ -49,6 +49,113 @@ def default_device() -> str:
     return str(_model_management().get_torch_device())
 
 
+# --- Offload Model: facts, trimming and releasing through ComfyUI's public surface
+
+WRAPPER_KEY = "headroom"  # every wrapper and callback of the pack is registered under this key
+
+
+def add_wrappers(patcher, wrappers: dict, callbacks: dict) -> None:
+    """Register on a clone, by WrappersMP/CallbacksMP member name (e.g. "OUTER_SAMPLE")."""
+    import comfy.patcher_extension as extension
+    for name, function in wrappers.items():
+        patcher.add_wrapper_with_key(getattr(extension.WrappersMP, name), WRAPPER_KEY, function)
+    for name, function in callbacks.items():
+        patcher.add_callback_with_key(getattr(extension.CallbacksMP, name), WRAPPER_KEY, function)
+
+
+def has_headroom_hooks(patcher) -> bool:
+    """Whether any wrapper, callback or transformer option of the pack is on this patcher."""
+    options = patcher.model_options.get("transformer_options", {})
+    if WRAPPER_KEY in options or "optimized_attention_override" in options:
+        return True
+    registries = list(patcher.wrappers.values()) + list(patcher.callbacks.values())
+    return any(WRAPPER_KEY in by_key for by_key in registries)
+
+
+def is_diffusion_model(patcher) -> bool:
+    import comfy.model_base
+    return isinstance(getattr(patcher, "model", None), comfy.model_base.BaseModel)
+
+
+def is_dynamic(patcher) -> bool:
+    """ComfyUI v0.12+ ModelPatcherDynamic (comfy-aimdo pages weights itself); absent before."""
+    return bool(getattr(patcher, "is_dynamic", lambda: False)())
+
+
+def device_facts(device):
+    from .plan import DeviceFacts
+    model_management = _model_management()
+    return DeviceFacts(name=str(device), total_bytes=int(model_management.get_total_memory(device)),
+                       free_bytes=int(model_management.get_free_memory(device)))
+
+
+def model_facts(patcher, noise_shape):
+    """Weights and the activation memory ComfyUI itself expects for this input (model.memory_required)."""
+    from .plan import ModelFacts
+    batch = noise_shape[0]
+    rest = list(noise_shape[1:])
+    return ModelFacts(weight_bytes=int(patcher.model_size()),
+                      activation_bytes_batched=int(patcher.memory_required([2 * batch] + rest)),
+                      activation_bytes_single=int(patcher.memory_required([batch] + rest)))
+
+
+def loaded_bytes(patcher) -> int:
+    return int(patcher.loaded_size())
+
+
+def trim_to(patcher, resident_bytes: int) -> int:
+    """Drop resident weights down to `resident_bytes`; ComfyUI streams the rest. Returns bytes freed.
+
+    Legacy patcher: partially_unload moves whole castable modules to the offload device and marks
+    them for cast-on-use (ComfyUI's low-VRAM path). Dynamic patcher: cap the model's VBAR watermark
+    so aimdo never pages more in, then page out the excess.
+    """
+    resident = loaded_bytes(patcher)
+    if is_dynamic(patcher):
+        vbar = patcher.model.dynamic_vbars.get(patcher.load_device)
+        if vbar is None:
+            return 0
+        if hasattr(vbar, "set_watermark_limit"):
+            vbar.set_watermark_limit(resident_bytes)
+        return int(vbar.free_memory(max(0, resident - resident_bytes)))
+    if resident <= resident_bytes:
+        return 0
+    return int(patcher.partially_unload(patcher.offload_device, resident - resident_bytes))
+
+
+def reset_limits(patcher) -> None:
+    """Undo trim_to's lasting part: the dynamic watermark (legacy trimming is undone by the next load)."""
+    if is_dynamic(patcher):
+        vbar = patcher.model.dynamic_vbars.get(patcher.load_device)
+        if vbar is not None and hasattr(vbar, "set_watermark_limit"):
+            # no per-VBAR "unlimited" exists: the VBAR's own size (model size x10 in ComfyUI) never binds
+            vbar.set_watermark_limit(int(patcher.model_size()) * 10)
+
+
+def release(patcher) -> list[str]:
+    """Unload this patcher (and only it) from ComfyUI's loaded models, so nothing of ours stays loaded."""
+    model_management = _model_management()
+    others = [entry for entry in model_management.current_loaded_models if entry.model is not patcher]
+    ours = len(model_management.current_loaded_models) - len(others)
+    if not ours:
+        return []
+    unloaded = model_management.free_memory(1e30, patcher.load_device, keep_loaded=others)
+    return [model_name(entry.model) for entry in unloaded if entry.model is not None]
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    import torch
+    return isinstance(error, (torch.OutOfMemoryError, _model_management().OOM_EXCEPTION)) and not isinstance(
+        error, _model_management().InterruptProcessingException)
+
+
+def free_after_oom() -> None:
+    """What ComfyUI itself does after an out-of-memory error, minus unloading the model being sampled."""
+    import gc
+    gc.collect()
+    _model_management().soft_empty_cache(True)
+
+
 def node_api():
     """(ComfyExtension, io, ui) of ComfyUI's V3 node API: the pinned version where the host has it."""
     try:
@@ -56,3 +163,46 @@ def node_api():
     except ImportError:
         from comfy_api.latest import ComfyExtension, io, ui
     return ComfyExtension, io, ui
+
+
+def is_interrupt(error: BaseException) -> bool:
+    return isinstance(error, _model_management().InterruptProcessingException)
+
+
+# the CLIP and VAE methods nodes call to use them; an outer call may use an inner one
+_ENTRY_POINTS = {"CLIP": ("encode_from_tokens_scheduled", "encode_from_tokens", "encode"),
+                 "VAE": ("decode", "decode_tiled", "encode", "encode_tiled")}
+
+
+def offload_after_use(clip_or_vae, kind: str):
+    """A copy of a CLIP or VAE that unloads itself from its device as soon as a call has finished.
+
+    The methods are wrapped on the copy only (an instance we own), never on the class; the copy
+    gets its own patcher clone so releasing it leaves the incoming object's loaded state alone.
+    """
+    import copy
+    import logging
+    log = logging.getLogger("headroom")
+    if kind == "CLIP":
+        user = clip_or_vae.clone()
+    else:
+        user = copy.copy(clip_or_vae)  # v0.3.64's VAE has no clone(); its state is the patcher
+        user.patcher = clip_or_vae.patcher.clone()
+    depth = [0]
+    for name in _ENTRY_POINTS[kind]:
+        if not hasattr(user, name):
+            continue
+
+        def after_use(*args, _call=getattr(user, name), _name=name, **kwargs):
+            depth[0] += 1
+            try:
+                return _call(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    unloaded = release(user.patcher)
+                    log.info("Headroom offload: %s moved off %s after %s (unloaded: %s)", kind,
+                             user.patcher.load_device, _name, ", ".join(unloaded) or "nothing was loaded")
+
+        setattr(user, name, after_use)
+    return user

@@ -1,10 +1,11 @@
 """The pack's nodes (V3 schema). Each module is a thin translation from node inputs to core calls."""
 from ..memory.comfy import node_api
 from .force_gc import ForceGC
+from .offload_model import OffloadModel
 
 ComfyExtension, _, _ = node_api()
 
-NODES = [ForceGC]
+NODES = [OffloadModel, ForceGC]
 
 
 class HeadroomExtension(ComfyExtension):

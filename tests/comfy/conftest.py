@@ -8,6 +8,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "support"))
 import comfy_host  # noqa: E402
 import generated_models  # noqa: E402
 
+comfy_host.import_comfyui()  # test modules of this layer import comfy.* at the top
+
 
 @pytest.fixture(scope="session")
 def comfy_nodes():

@@ -76,3 +76,14 @@ def sample(nodes, model, seed=0, steps=2, size=64):
     positive = text_conditioning(1)
     negative = text_conditioning(2)
     return nodes.KSampler().sample(model, seed, steps, 4.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+
+
+def pack_module(name: str):
+    """A module of the pack as ComfyUI loaded it (under the folder path), e.g. "memory.patching".
+
+    Classes must come from here, not from the `comfyui_headroom` test import: the two loads are
+    distinct module objects, and an exception class of one is not the other's.
+    """
+    # ComfyUI names the package after its folder's full path (dots replaced)
+    root = next(module_name for module_name in list(sys.modules) if module_name.endswith("/" + PACK_FOLDER_NAME))
+    return sys.modules[f"{root}.{name}"]

@@ -67,3 +67,60 @@ def ui_to_api(ui_workflow: dict, object_info: dict) -> dict:
                 next(values)
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt
+
+
+def api_to_ui(prompt: dict, object_info: dict) -> dict:
+    """A UI-format workflow (loads by drag-and-drop) for an API-format prompt; the inverse of ui_to_api.
+
+    Nodes are laid out in columns by their depth in the graph.
+    """
+    depth = {}
+
+    def depth_of(node_id):
+        if node_id not in depth:
+            sources = [value[0] for value in prompt[node_id]["inputs"].values() if isinstance(value, list)]
+            depth[node_id] = 1 + max((depth_of(source) for source in sources), default=-1)
+        return depth[node_id]
+
+    links, nodes, rows = [], [], {}
+    for node_id in sorted(prompt, key=int):
+        depth_of(node_id)
+    for order, node_id in enumerate(sorted(prompt, key=lambda n: (depth[n], int(n)))):
+        node = prompt[node_id]
+        info = object_info[node["class_type"]]
+        declared = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+        order_names = info.get("input_order", {})
+        names = order_names.get("required", []) + order_names.get("optional", []) if order_names else list(declared)
+        inputs, widgets = [], []
+        for name in names:
+            value = node["inputs"].get(name)
+            kind = declared[name][0]
+            options = declared[name][1] if len(declared[name]) > 1 else {}
+            if isinstance(value, list):
+                links.append([len(links) + 1, int(value[0]), value[1], int(node_id), len(inputs),
+                              object_info[prompt[value[0]]["class_type"]]["output"][value[1]]])
+                inputs.append({"name": name, "type": kind if isinstance(kind, str) else "COMBO",
+                               "link": links[-1][0]})
+            elif isinstance(kind, list) or kind in WIDGET_TYPES:
+                if value is None:
+                    continue
+                widgets.append(value)
+                if options.get("control_after_generate"):
+                    widgets.append("fixed")
+            elif value is None:
+                inputs.append({"name": name, "type": kind, "link": None})
+        row = rows.get(depth[node_id], 0)
+        rows[depth[node_id]] = row + 1
+        nodes.append({"id": int(node_id), "type": node["class_type"], "pos": [40 + 380 * depth[node_id], 80 + 300 * row],
+                      "size": [340, 260], "flags": {}, "order": order, "mode": 0, "inputs": inputs,
+                      "outputs": [], "properties": {"Node name for S&R": node["class_type"]},
+                      "widgets_values": widgets})
+    by_id = {node["id"]: node for node in nodes}
+    for node in nodes:
+        info = object_info[node["type"]]
+        node["outputs"] = [{"name": name, "type": kind, "slot_index": slot,
+                            "links": [link[0] for link in links if link[1] == node["id"] and link[2] == slot]}
+                           for slot, (name, kind) in enumerate(zip(info["output_name"], info["output"]))]
+    assert set(by_id) == {int(n) for n in prompt}
+    return {"last_node_id": max(by_id), "last_link_id": len(links), "nodes": nodes, "links": links,
+            "groups": [], "config": {}, "extra": {}, "version": 0.4}

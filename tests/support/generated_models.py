@@ -99,3 +99,20 @@ def text_conditioning(seed: int, batch: int = 1) -> list:
     cond = torch.randn((batch, 77, 768), generator=generator)
     pooled = torch.randn((batch, 768), generator=generator)
     return [[cond, {"pooled_output": pooled}]]
+
+
+def small_clip():
+    """A real SD1.5 text encoder (CLIP-L shaped, 2 layers, 43.5 M params) built through ComfyUI's API.
+
+    Only the layer count and MLP width are reduced: the 49408x768 token embedding and width 768
+    are what SD1.5's tokenizer and cross-attention need. Weights are seeded noise, set in place.
+    """
+    import comfy.sd
+    detection_key = {"text_model.encoder.layers.0.mlp.fc1.weight": torch.zeros(64, 768)}
+    clip = comfy.sd.load_text_encoder_state_dicts(
+        [detection_key], model_options={"clip_l_model_config": {"num_hidden_layers": 2, "intermediate_size": 64}})
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for key, tensor in sorted(clip.cond_stage_model.state_dict().items()):
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.02)
+    return clip

@@ -1,0 +1,174 @@
+"""Apply a budget to a clone of a MODEL through ComfyUI's public wrappers; undo it when the run ends.
+
+Hooks, all registered under one key on the clone (so they travel with the MODEL into any sampler):
+  OUTER_SAMPLE      scope of one run: plan, record, out-of-memory ladder, release at the end
+  PREPARE_SAMPLING  after ComfyUI's load_models_gpu, trim the resident weights to the plan
+  CALC_COND_BATCH   run cond and uncond one after the other when the plan says so
+  PREDICT_NOISE     per step: measure resident weights and RAM; the test hook that injects an OOM
+  ON_CLEANUP        undo the dynamic patcher's watermark
+Per-run state lives in the run's copy of transformer_options["headroom"] (ComfyUI copies nested
+dicts of the model options for every run), so a run never changes the model it came from.
+Non-resident weights are streamed by ComfyUI's own low-VRAM machinery; nothing here moves weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import psutil
+import torch
+
+from . import comfy
+from .budget import Budget
+from .plan import Plan, oom_ladder, plan_sampling
+from .report import RecordLog, SamplingRecord
+
+HEADROOM = comfy.WRAPPER_KEY  # transformer_options key of the pack's state
+log = logging.getLogger("headroom")
+
+
+class BudgetExhausted(torch.OutOfMemoryError):
+    """Every rung of the ladder was tried. An OOM error, so ComfyUI still shows its own OOM advice."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadSettings:
+    budget: Budget
+    records: RecordLog
+
+
+@dataclasses.dataclass
+class RunState:
+    """The mutable state of one sampling run (one OUTER_SAMPLE call, retries included)."""
+    plan: Plan
+    record: SamplingRecord
+    step_in_attempt: int = 0
+
+
+def apply_budget(model, budget: Budget, records: RecordLog | None = None):
+    """A clone of `model` whose sampling runs under `budget`; `model` itself is left untouched."""
+    clone = model.clone()
+    options = clone.model_options.setdefault("transformer_options", {})
+    headroom = dict(options.get(HEADROOM, {}))  # a copy: never share a dict with the incoming model
+    headroom["offload"] = OffloadSettings(budget=budget, records=records or RecordLog())
+    options[HEADROOM] = headroom
+    comfy.add_wrappers(clone,
+                       {"OUTER_SAMPLE": _outer_sample, "PREPARE_SAMPLING": _prepare_sampling,
+                        "CALC_COND_BATCH": _calc_cond_batch, "PREDICT_NOISE": _predict_noise},
+                       {"ON_CLEANUP": comfy.reset_limits})
+    return clone
+
+
+def _headroom(model_options: dict | None) -> dict:
+    return (model_options or {}).get("transformer_options", {}).get(HEADROOM, {})
+
+
+def _attention_target(headroom: dict, plan: Plan) -> int | None:
+    attention = headroom.get("attention")
+    if attention is None:
+        return None
+    return getattr(attention, "target_bytes", None) or plan.activation_bytes
+
+
+def _apply_rung(headroom: dict, run: RunState, rung) -> None:
+    run.plan = rung.plan
+    attention = headroom.get("attention")
+    if attention is not None and rung.attention_target_bytes is not None:
+        headroom["attention"] = dataclasses.replace(attention, target_bytes=rung.attention_target_bytes)
+
+
+def _outer_sample(executor, *args, **kwargs):
+    guider = executor.class_obj
+    patcher = guider.model_patcher
+    headroom = _headroom(guider.model_options)
+    settings: OffloadSettings = headroom["offload"]
+    noise = args[0] if args else kwargs["noise"]
+    device = comfy.device_facts(patcher.load_device)
+    plan = plan_sampling(settings.budget, comfy.model_facts(patcher, noise.shape), device,
+                         comfy.loaded_bytes(patcher))
+    record = SamplingRecord(model=comfy.model_name(patcher), device=device.name, plan=plan.describe(),
+                            planned_resident_bytes=plan.resident_bytes)
+    run = RunState(plan=plan, record=record)
+    headroom["run"] = run
+    log.info("Headroom plan: %s", plan.describe())
+    cuda = patcher.load_device.type == "cuda" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(patcher.load_device)
+    started = time.perf_counter()
+    rungs = None
+    try:
+        while True:
+            run.step_in_attempt = 0
+            failure = None
+            try:
+                output = executor(*args, **kwargs)
+                break
+            except Exception as error:
+                if not comfy.is_out_of_memory(error):
+                    raise
+                failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            # retried outside the except block, so the traceback's frames (and their tensors) are freed
+            if rungs is None:
+                rungs = oom_ladder(run.plan, comfy.loaded_bytes(patcher), _attention_target(headroom, run.plan))
+            if not rungs:
+                tried = "; ".join(record.rungs) or "no rung applies"
+                raise BudgetExhausted(f"Headroom: out of memory while sampling {record.model} on {device.name} "
+                                      f"({failure}). Tried: {tried}. Lower the budget, the resolution or the "
+                                      "batch size, or add Sliced Attention.")
+            rung = rungs.pop(0)
+            record.rungs.append(rung.name)
+            log.warning("Headroom: out of memory (%s); retrying: %s", failure, rung.name)
+            comfy.free_after_oom()
+            _apply_rung(headroom, run, rung)
+        record.outcome = "success"
+        record.steps = run.step_in_attempt
+        return output
+    except BaseException as error:
+        record.outcome = "interrupted" if comfy.is_interrupt(error) else f"failed: {type(error).__name__}"
+        raise
+    finally:
+        record.seconds = time.perf_counter() - started
+        if cuda:
+            record.peak_vram_bytes = int(torch.cuda.max_memory_allocated(patcher.load_device))
+        comfy.release(patcher)  # nothing of ours stays loaded once the run is over
+        settings.records.add(record)
+        log.info(record.log_line())
+
+
+def _prepare_sampling(executor, *args, **kwargs):
+    result = executor(*args, **kwargs)
+    patcher = args[0] if args else kwargs["model"]
+    model_options = kwargs.get("model_options", args[3] if len(args) > 3 else None)
+    run: RunState | None = _headroom(model_options).get("run")
+    if run is not None and run.plan.resident_bytes is not None:
+        comfy.trim_to(patcher, run.plan.resident_bytes)
+    return result
+
+
+def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options, *args, **kwargs):
+    run: RunState | None = _headroom(model_options).get("run")
+    if run is None or not run.plan.split_cond_uncond or len(conds) < 2:
+        return executor(model, conds, x_in, timestep, model_options, *args, **kwargs)
+    outputs = []
+    for cond in conds:  # one at a time: the activation peak of a batch of one
+        outputs += executor(model, [cond], x_in, timestep, model_options, *args, **kwargs)
+    return outputs
+
+
+def _predict_noise(executor, *args, **kwargs):
+    guider = executor.class_obj
+    headroom = _headroom(guider.model_options)
+    run: RunState | None = headroom.get("run")
+    if run is None:
+        return executor(*args, **kwargs)
+    run.step_in_attempt += 1
+    injection = headroom.get("test_inject_oom")  # test hook: {"step": n, "times": k}, per run
+    if injection and injection["times"] > 0 and run.step_in_attempt == injection["step"]:
+        injection["times"] -= 1
+        raise torch.OutOfMemoryError(f"Headroom test hook: out of memory injected at step {injection['step']}")
+    output = executor(*args, **kwargs)
+    record = run.record
+    record.measured_resident_bytes = max(record.measured_resident_bytes, comfy.loaded_bytes(guider.model_patcher))
+    record.peak_ram_bytes = max(record.peak_ram_bytes, psutil.Process().memory_info().rss)
+    return output
