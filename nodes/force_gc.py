@@ -1,6 +1,5 @@
 """Force GC: collect garbage, unload models from every device, give memory back; pass a value through."""
 import logging
-import math
 
 from ..memory.comfy import ComfyModelHost, default_device, node_api
 from ..memory.gc import GcRequest, force_gc
@@ -42,7 +41,9 @@ class ForceGC(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, **kwargs):
-        return math.nan  # never equal to itself: ComfyUI re-runs the node on every prompt
+        # a new NaN each call: ComfyUI compares cache keys by identity first, so the shared math.nan
+        # would match itself; a fresh one never does, and the node re-runs on every prompt
+        return float("nan")
 
     @classmethod
     def execute(cls, threshold_percent=0.0, unload_models=True, trim_ram=True, value=None):

@@ -54,11 +54,15 @@ def test_force_gc_between_ksampler_and_vae_decode(server, tiny_checkpoint):
 def test_force_gc_runs_on_every_prompt(server, tiny_checkpoint):
     workflow = force_gc_workflow(tiny_checkpoint.name)
     first = server.run(workflow)
+    records_before = server.log_text().count("Headroom GC:")
     second = server.run(workflow)
     assert first.succeeded and second.succeeded
     # the same prompt twice: KSampler is served from cache, Force GC runs again
-    assert "executed" in second.event_types()
-    assert "unloaded=" in second.outputs("6")["text"][0]
+    cached = [node for event in second.events if event["type"] == "execution_cached"
+              for node in event["data"]["nodes"]]
+    assert "5" in cached and "6" not in cached
+    assert any(event["type"] == "executed" and event["data"]["node"] == "6" for event in second.events)
+    assert server.log_text().count("Headroom GC:") == records_before + 1
 
 
 @pytest.mark.parametrize("threshold", [150.0, -5.0])
