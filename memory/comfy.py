@@ -6,6 +6,8 @@ rest of the core stays importable (and testable) without it.
 """
 from __future__ import annotations
 
+from .plan import DeviceFacts, ModelFacts
+
 
 def _model_management():
     import comfy.model_management
@@ -83,7 +85,6 @@ def is_dynamic(patcher) -> bool:
 
 
 def device_facts(device):
-    from .plan import DeviceFacts
     model_management = _model_management()
     return DeviceFacts(name=str(device), total_bytes=int(model_management.get_total_memory(device)),
                        free_bytes=int(model_management.get_free_memory(device)))
@@ -91,7 +92,6 @@ def device_facts(device):
 
 def model_facts(patcher, noise_shape):
     """Weights and the activation memory ComfyUI itself expects for this input (model.memory_required)."""
-    from .plan import ModelFacts
     batch = noise_shape[0]
     rest = list(noise_shape[1:])
     return ModelFacts(weight_bytes=int(patcher.model_size()),
@@ -206,3 +206,25 @@ def offload_after_use(clip_or_vae, kind: str):
 
         setattr(user, name, after_use)
     return user
+
+
+# --- Sliced Attention
+
+def has_fused_attention(device) -> bool:
+    """Whether ComfyUI runs attention on `device` through a memory-efficient kernel (PyTorch SDPA
+    flash/memory-efficient, xFormers, SageAttention, FlashAttention) rather than math attention."""
+    import torch
+    device = torch.device(device)
+    if device.type == "cpu":
+        return False  # ComfyUI's CPU attention is sub-quadratic, whatever the main device runs
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (5, 0):
+        return False  # SDPA's memory-efficient kernel needs sm50+ (flash sm80+): Kepler is math only
+    model_management = _model_management()
+    return bool(model_management.pytorch_attention_flash_attention() or model_management.xformers_enabled()
+                or model_management.sage_attention_enabled() or model_management.flash_attention_enabled())
+
+
+def comfy_attention_functions() -> dict:
+    """ComfyUI's own attention functions for the Sliced Attention methods that delegate to them."""
+    from comfy.ldm.modules.attention import get_attention_function
+    return {"comfy split": get_attention_function("split"), "sub-quadratic": get_attention_function("sub_quad")}

@@ -2,10 +2,11 @@
 from ..memory.comfy import node_api
 from .force_gc import ForceGC
 from .offload_model import OffloadModel
+from .sliced_attention import SlicedAttention
 
 ComfyExtension, _, _ = node_api()
 
-NODES = [OffloadModel, ForceGC]
+NODES = [OffloadModel, SlicedAttention, ForceGC]
 
 
 class HeadroomExtension(ComfyExtension):
