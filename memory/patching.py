@@ -20,6 +20,7 @@ import psutil
 import torch
 
 from . import comfy
+from .attention import ACTIVATION_BYTES_KEY
 from .budget import Budget
 from .plan import Plan, oom_ladder, plan_sampling
 from .report import RecordLog, SamplingRecord
@@ -73,6 +74,7 @@ def _attention_target(headroom: dict, plan: Plan) -> int | None:
 
 def _apply_rung(headroom: dict, run: RunState, rung) -> None:
     run.plan = rung.plan
+    headroom[ACTIVATION_BYTES_KEY] = rung.plan.activation_bytes
     attention = headroom.get("attention")
     if attention is not None and rung.attention_target_bytes is not None:
         headroom["attention"] = dataclasses.replace(attention, target_bytes=rung.attention_target_bytes)
@@ -91,6 +93,7 @@ def _outer_sample(executor, *args, **kwargs):
                             planned_resident_bytes=plan.resident_bytes)
     run = RunState(plan=plan, record=record)
     headroom["run"] = run
+    headroom[ACTIVATION_BYTES_KEY] = plan.activation_bytes  # Sliced Attention's auto target
     log.info("Headroom plan: %s", plan.describe())
     cuda = patcher.load_device.type == "cuda" and torch.cuda.is_available()
     if cuda:

@@ -209,3 +209,39 @@ def test_a_non_diffusion_model_is_refused_naming_the_input(comfy_nodes):
     with pytest.raises(ValueError, match="^model: Offload Model needs a diffusion model"):
         comfy_host.run_v3_node(node, model=clip.patcher, budget_gb=1.0, keep_free_gb=0.0,
                                text_encoder_and_vae="keep loaded")
+
+
+def attention_targets(caplog):
+    """The target of each Sliced Attention call, from its DEBUG line."""
+    return [record.getMessage().split(" target=")[1].split()[0] for record in caplog.records
+            if record.getMessage().startswith("Headroom attention:")]
+
+
+def sliced(nodes, model, target_mb, method="chunked"):
+    node = nodes.NODE_CLASS_MAPPINGS["HeadroomSlicedAttention"]
+    return comfy_host.run_v3_node(node, model=model, target_mb=target_mb, method=method, fp32=False).args[0]
+
+
+def test_sliced_attention_auto_takes_the_activation_memory_the_budget_planned(comfy_nodes, tiny_model, caplog):
+    import logging
+    budgeted = offload(comfy_nodes, sliced(comfy_nodes, tiny_model, target_mb=0), budget_bytes=8 * MB)
+    caplog.set_level(logging.DEBUG, logger="headroom")
+    sample_watching_residency(budgeted[0], steps=1)
+    planned = tiny_model.memory_required([2, 4, 8, 8])  # cond + uncond of one 64x64 latent
+    mb = comfy_host.pack_module("memory.attention")._mb
+    assert set(attention_targets(caplog)) == {mb(planned).replace(" ", "")}
+
+
+def test_the_ladder_halves_sliced_attention_chunks(comfy_nodes, tiny_model, caplog):
+    import logging
+    baseline, _ = sample_watching_residency(tiny_model)
+    budgeted = offload(comfy_nodes, sliced(comfy_nodes, tiny_model, target_mb=8), budget_bytes=16 * MB)[0]
+    budgeted.model_options["transformer_options"]["headroom"]["test_inject_oom"] = {"step": 1, "times": 3}
+    caplog.set_level(logging.DEBUG, logger="headroom")
+    samples, _ = sample_watching_residency(budgeted)
+    (record,) = records(budgeted)
+    assert record.outcome == "success"
+    assert record.rungs[2] == "halve attention chunks (target 4 MB)"
+    assert attention_targets(caplog)[-1] == "4MB"  # the attempt that succeeded ran with the halved target
+    assert torch.allclose(samples, baseline, rtol=1e-4, atol=1e-4)  # split cond/uncond: float rounding only
+    assert_nothing_of_ours_remains(tiny_model)

@@ -7,9 +7,11 @@ custom_nodes folder in which the repository appears as `ComfyUI-Headroom`.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import inspect
 import os
 import pathlib
+import shutil
 import sys
 import tempfile
 
@@ -46,6 +48,8 @@ def import_comfyui():
 def custom_nodes_folder(with_test_nodes: bool = True) -> pathlib.Path:
     """A custom_nodes folder holding the pack (as ComfyUI-Headroom) and the test-only nodes."""
     folder = pathlib.Path(tempfile.mkdtemp(prefix="headroom-custom-nodes-"))
+    # kept for the life of the process: the pack's lazy imports resolve through this path
+    atexit.register(shutil.rmtree, folder, True)
     (folder / PACK_FOLDER_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
     if with_test_nodes:
         (folder / "headroom_test_nodes").symlink_to(SUPPORT_DIR / "comfy_test_nodes", target_is_directory=True)
