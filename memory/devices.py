@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Collection, Sequence
 
 GIB = 1024 ** 3
 
@@ -331,6 +331,18 @@ def list_devices() -> tuple[list[DeviceInfo], list[str]]:
         hidden_by = "" if visible_text is None else f" (CUDA_VISIBLE_DEVICES={visible_text!r})"
         notes.append(f"no CUDA device visible{hidden_by}: running on CPU")
     return devices, notes
+
+
+def restrict_devices(
+    devices: Sequence[DeviceInfo], names: Collection[str], reason: str,
+) -> tuple[list[DeviceInfo], list[str]]:
+    """(the devices named in `names`, plus the CPU, which always stays; a note per device dropped).
+
+    For a host that runs on fewer devices than torch sees (ComfyUI with --cpu, or its own list).
+    """
+    kept = [info for info in devices if info.device == "cpu" or info.device in names]
+    notes = [f"{info.device} not used: {reason}" for info in devices if info not in kept]
+    return kept, notes
 
 
 # ---------------------------------------------------------------------------- picking

@@ -175,3 +175,20 @@ def _predict_noise(executor, *args, **kwargs):
     record.measured_resident_bytes = max(record.measured_resident_bytes, comfy.loaded_bytes(guider.model_patcher))
     record.peak_ram_bytes = max(record.peak_ram_bytes, psutil.Process().memory_info().rss)
     return output
+
+
+# --- Pick GPU: the model's device is torch's current CUDA device while it samples
+
+def add_device_guard(clone):
+    """Register on a clone: sampling runs with the clone's load device as the current CUDA device, so code
+    that allocates on "the current device" meets the model's tensors there. Returns the clone."""
+    comfy.add_wrappers(clone, {"OUTER_SAMPLE": _device_guard}, {})
+    return clone
+
+
+def _device_guard(executor, *args, **kwargs):
+    device = executor.class_obj.model_patcher.load_device  # read at run time: the device the run loads on
+    if device.type != "cuda":
+        return executor(*args, **kwargs)
+    with torch.cuda.device(device):
+        return executor(*args, **kwargs)

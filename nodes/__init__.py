@@ -2,11 +2,12 @@
 from ..memory.comfy import node_api
 from .force_gc import ForceGC
 from .offload_model import OffloadModel
+from .pick_gpu import PickGPU
 from .sliced_attention import SlicedAttention
 
 ComfyExtension, _, _ = node_api()
 
-NODES = [OffloadModel, SlicedAttention, ForceGC]
+NODES = [OffloadModel, SlicedAttention, PickGPU, ForceGC]
 
 
 class HeadroomExtension(ComfyExtension):

@@ -7,7 +7,7 @@ import pytest
 from comfyui_headroom.memory import devices as devices_module
 from comfyui_headroom.memory.devices import (
     DeviceInfo, NvmlRecord, TorchRecord, list_devices, match_devices, parse_device_name,
-    pick_first_with_free, pick_most_free, pick_round_robin, read_nvml, read_torch)
+    pick_first_with_free, pick_most_free, pick_round_robin, read_nvml, read_torch, restrict_devices)
 
 GIB = 1024 ** 3
 UUID_3060 = "3060aaaa-1111-2222-3333-444455556666"
@@ -329,6 +329,28 @@ def test_list_devices_on_this_cpu_only_machine(monkeypatch):
     assert [d.device for d in devices] == ["cpu"]
     assert notes[0].startswith("NVML not available: ")
     assert notes[-1] == "no CUDA device visible: running on CPU"
+
+
+def test_restrict_devices_keeps_the_named_ones_and_the_cpu_and_says_why_others_went():
+    devices = matched(torch_view(TORCH_TWO_GPUS), NVML_TWO_GPUS)
+
+    kept, notes = restrict_devices(devices, {"cuda:1"}, "not in the host's list")
+
+    assert [d.device for d in kept] == ["cuda:1", "cpu"]
+    assert notes == ["cuda:0 not used: not in the host's list"]
+    assert pick_most_free(kept).device == "cuda:1"  # the 4090 has more free, but the host does not use it
+    with pytest.raises(ValueError, match="^device 'cuda:0' does not exist; devices here: cuda:1 "):
+        parse_device_name("cuda:0", kept)
+
+
+def test_restrict_devices_to_the_cpu_only_leaves_the_cpu_for_every_policy():
+    devices = matched(torch_view(TORCH_TWO_GPUS), NVML_TWO_GPUS)
+
+    kept, notes = restrict_devices(devices, {"cpu"}, "ComfyUI runs with --cpu")
+
+    assert [d.device for d in kept] == ["cpu"]
+    assert notes == ["cuda:0 not used: ComfyUI runs with --cpu", "cuda:1 not used: ComfyUI runs with --cpu"]
+    assert [pick_round_robin(kept, n).device for n in range(3)] == ["cpu"] * 3
 
 
 # ---------------------------------------------------------------------------- picking
