@@ -311,3 +311,85 @@ def _after_use_entry_points(clip_or_vae, kind: str) -> list[str]:
 def _keep_after_use(incoming, placed, kind: str):
     """`placed`, moved off its device after each use when `incoming` was (Offload Model before Pick GPU)."""
     return offload_after_use(placed, kind) if _after_use_entry_points(incoming, kind) else placed
+
+
+# --- Tiled Inpaint
+
+def sampler_names() -> list[str]:
+    import comfy.samplers
+    return list(comfy.samplers.KSampler.SAMPLERS)
+
+
+def scheduler_names() -> list[str]:
+    import comfy.samplers
+    return list(comfy.samplers.KSampler.SCHEDULERS)
+
+
+def free_models_except(model, vae) -> list[str]:
+    """After an out-of-memory error: unload every model ComfyUI holds (this prompt's and those it keeps
+    from earlier prompts) on the devices of `model` and `vae`, except `model` itself and its clones,
+    which are sampling; then collect and empty the caches. Returns the names unloaded."""
+    model_management = _model_management()
+    keep = [entry for entry in model_management.current_loaded_models
+            if entry.model is not None and model.is_clone(entry.model)]
+    unloaded = []
+    for device in {model.load_device, vae.patcher.load_device}:
+        unloaded += model_management.free_memory(1e30, device, keep_loaded=keep)
+    free_after_oom()
+    return [model_name(entry.model) for entry in unloaded if entry.model is not None]
+
+
+def _inject_test_oom(model) -> None:
+    """Test hook: transformer_options["headroom"]["test_inject_tile_oom"] = {"times": n} makes the
+    next n tiles fail as if out of memory."""
+    import torch
+    injection = model.model_options.get("transformer_options", {}).get(WRAPPER_KEY, {}).get("test_inject_tile_oom")
+    if injection and injection["times"] > 0:
+        injection["times"] -= 1
+        raise torch.OutOfMemoryError("Headroom test hook: out of memory injected into a tile")
+
+
+def tile_progress():
+    """progress(done, total) on ComfyUI's progress bar: the node's bar in the UI and its websocket
+    `progress` events (value/max), one step per tile."""
+    import comfy.utils
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = comfy.utils.ProgressBar(total)
+        bar.update_absolute(done, total)
+
+    return progress
+
+
+def inpaint_backend(model, vae, steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float):
+    """memory.inpaint.TileBackend on ComfyUI: the VAE (whose encode/decode already retry in VAE tiles
+    on OOM; the tiled calls are the next rung), and comfy.sample.sample, the entry point KSampler
+    uses, so the wrappers other nodes put on `model` (budgets, attention, device) apply to each tile."""
+    import comfy.sample
+    import comfy.utils
+    from .inpaint import TileBackend
+    model_management = _model_management()
+
+    def check_interrupt(step, denoised, x, total_steps):
+        # without KSampler's preview callback: its step progress would mix with the tile count
+        model_management.throw_exception_if_processing_interrupted()
+
+    def sample(latent, noise, noise_mask, positive, negative, seed):
+        _inject_test_oom(model)
+        return comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                                   denoise=denoise, noise_mask=noise_mask, callback=check_interrupt,
+                                   disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+
+    return TileBackend(
+        encode=vae.encode,
+        encode_tiled=lambda pixels: vae.encode_tiled(pixels, tile_x=256, tile_y=256, overlap=32),
+        sample=sample,
+        decode=vae.decode,
+        decode_tiled=lambda latent: vae.decode_tiled(latent, tile_x=32, tile_y=32, overlap=8),  # latent units
+        free_memory=lambda: free_models_except(model, vae),
+        is_out_of_memory=is_out_of_memory,
+        progress=tile_progress(),
+    )

@@ -9,9 +9,12 @@ an axis is shifted back to end at the image edge, so every tile keeps the full t
 whenever the image side is at least one tile; a side smaller than a tile gets one tile of the
 whole side. Origins are multiples of 8 (the latent downscale) except for that shifted last tile.
 
-Order of use in a node: grow_mask -> feather_mask -> plan_grid -> select_tiles (with the
-final mask, so every pixel the composite can change lies in a selected tile) -> sample each
-selected tile on crop(image, tile) -> blend_weights(selected) -> stitch.
+Order of use in a node: plan_grid -> select_tiles(grid, mask, grow, feather) (every pixel the
+grown and feathered mask can change lies in a selected tile) -> for each selected tile: sample
+crop(image, tile), then stitch_tile it into the result with blend_weight(selected, index) and
+mask_in_tile. Each step works on one tile (plus a margin), never on a whole-image buffer, so the
+memory of a run is the image and its result plus one tile. grow_mask, feather_mask, blend_weights
+and stitch are the whole-image forms of the same operations.
 """
 from __future__ import annotations
 
@@ -52,12 +55,15 @@ class TilePlan:
     tile_size: int
     overlap: int
 
+    images: int = 1  # grid_count and sampled_count count the tiles of every image of a batch
+
     @property
     def skipped_count(self) -> int:
         return self.grid_count - self.sampled_count
 
     def describe(self) -> str:
-        return (f"tiles: {self.grid_count} in grid "
+        over = f" over {self.images} images" if self.images > 1 else ""
+        return (f"tiles: {self.grid_count} in grid{over} "
                 f"({self.tile_size} px, overlap {self.overlap} px), "
                 f"{self.sampled_count} sampled, {self.skipped_count} skipped")
 
@@ -65,6 +71,22 @@ class TilePlan:
 def _check_multiple_of_8(name: str, value: int) -> None:
     if value % LATENT_DOWNSCALE:
         raise ValueError(f"{name} {value} px is not a multiple of {LATENT_DOWNSCALE}")
+
+
+def _check_not_negative(name: str, value: int) -> None:
+    if value < 0:
+        raise ValueError(f"{name} {value} px must not be negative")
+
+
+def check_tiling(tile_size: int, overlap: int) -> None:
+    """Raise ValueError, naming the setting, unless tiles of `tile_size` with `overlap` can be planned."""
+    if tile_size < LATENT_DOWNSCALE:
+        raise ValueError(f"tile_size {tile_size} px must be at least {LATENT_DOWNSCALE} px")
+    _check_multiple_of_8("tile_size", tile_size)
+    _check_not_negative("overlap", overlap)
+    _check_multiple_of_8("overlap", overlap)
+    if overlap >= tile_size:
+        raise ValueError(f"overlap {overlap} px must be smaller than tile_size {tile_size} px")
 
 
 def _axis_starts(length: int, tile_size: int, overlap: int) -> list[int]:
@@ -81,14 +103,7 @@ def plan_grid(height: int, width: int, tile_size: int, overlap: int) -> list[Til
     """Overlapping tiles covering every pixel of a `height` x `width` image, row by row."""
     if height < 1 or width < 1:
         raise ValueError(f"image size {width}x{height} px is empty")
-    if tile_size < LATENT_DOWNSCALE:
-        raise ValueError(f"tile size {tile_size} px must be at least {LATENT_DOWNSCALE} px")
-    _check_multiple_of_8("tile size", tile_size)
-    if overlap < 0:
-        raise ValueError(f"overlap {overlap} px must not be negative")
-    _check_multiple_of_8("overlap", overlap)
-    if overlap >= tile_size:
-        raise ValueError(f"overlap {overlap} px must be smaller than the tile size {tile_size} px")
+    check_tiling(tile_size, overlap)
     tile_height, tile_width = min(tile_size, height), min(tile_size, width)
     return [Tile(y, x, tile_height, tile_width)
             for y in _axis_starts(height, tile_size, overlap)
@@ -119,8 +134,7 @@ def _max_filter(planes: torch.Tensor, radius: int) -> torch.Tensor:
 
 def grow_mask(mask: torch.Tensor, grow_px: int) -> torch.Tensor:
     """Dilate the mask by `grow_px` pixels with a square max filter; same shape as the input."""
-    if grow_px < 0:
-        raise ValueError(f"mask grow {grow_px} px must not be negative")
+    _check_not_negative("mask_grow", grow_px)
     return _max_filter(_as_nchw(mask), grow_px).reshape(mask.shape)
 
 
@@ -138,8 +152,7 @@ def feather_mask(mask: torch.Tensor, feather_px: int) -> torch.Tensor:
     centred on the edge, so grow the mask first by at least `feather_px` when the whole
     original area must stay fully repainted.
     """
-    if feather_px < 0:
-        raise ValueError(f"mask feather {feather_px} px must not be negative")
+    _check_not_negative("mask_feather", feather_px)
     planes = _as_nchw(mask)
     if feather_px == 0:
         return mask.clone()
@@ -154,11 +167,49 @@ def feather_mask(mask: torch.Tensor, feather_px: int) -> torch.Tensor:
     return torch.where(flat, planes, blurred).reshape(mask.shape)
 
 
-def select_tiles(tiles: list[Tile], mask: torch.Tensor) -> list[Tile]:
-    """The tiles (in their order) holding any nonzero mask pixel of any image of the batch."""
-    touched = _as_nchw(mask).ne(0).any(dim=0)[0]
-    _check_tiles_inside(tiles, *touched.shape)
-    return [tile for tile in tiles if bool(touched[tile.slices].any())]
+def check_mask_reach(grow_px: int, feather_px: int) -> None:
+    """Raise ValueError, naming the setting, for a negative mask grow or feather."""
+    _check_not_negative("mask_grow", grow_px)
+    _check_not_negative("mask_feather", feather_px)
+
+
+def _with_margin(mask: torch.Tensor, tile: Tile, margin: int) -> tuple[torch.Tensor, int, int]:
+    """The mask's region of `tile` grown by `margin` px (clipped at the image), and its top-left corner."""
+    height, width = mask.shape[-2:]
+    top, left = max(0, tile.y - margin), max(0, tile.x - margin)
+    bottom = min(height, tile.y + tile.height + margin)
+    right = min(width, tile.x + tile.width + margin)
+    return mask[..., top:bottom, left:right], top, left
+
+
+def mask_in_tile(mask: torch.Tensor, tile: Tile, grow_px: int = 0, feather_px: int = 0) -> torch.Tensor:
+    """`crop(feather_mask(grow_mask(mask, grow_px), feather_px), tile)`, from the tile and a margin.
+
+    A tile pixel's grown-and-feathered value depends only on mask pixels within
+    grow_px + feather_px of it, so computing on the tile plus that margin (clipped at the image
+    border, where both filters treat the border as the whole-image forms do) gives the same
+    values while memory follows the tile, not the image.
+    """
+    check_mask_reach(grow_px, feather_px)
+    _check_tiles_inside([tile], *mask.shape[-2:])
+    region, top, left = _with_margin(mask, tile, grow_px + feather_px)
+    final = feather_mask(grow_mask(region, grow_px), feather_px)
+    return final[..., tile.y - top:tile.y - top + tile.height, tile.x - left:tile.x - left + tile.width]
+
+
+def select_tiles(tiles: list[Tile], mask: torch.Tensor, grow_px: int = 0,
+                 feather_px: int = 0) -> list[Tile]:
+    """The tiles (in their order) holding any nonzero pixel, in any image of the batch, of the
+    mask grown by `grow_px` and feathered by `feather_px` (see mask_in_tile)."""
+    check_mask_reach(grow_px, feather_px)
+    _check_tiles_inside(tiles, *mask.shape[-2:])
+
+    def touched(tile: Tile) -> bool:
+        # Most tiles of a large image have no mask pixel within reach: one pass over their region.
+        return (bool(_with_margin(mask, tile, grow_px + feather_px)[0].any())
+                and bool(mask_in_tile(mask, tile, grow_px, feather_px).any()))
+
+    return [tile for tile in tiles if touched(tile)]
 
 
 def _edge_ramp(length: int, ramp: int, rise_at_start: bool, fall_at_end: bool) -> torch.Tensor:
@@ -177,34 +228,49 @@ def _edge_ramp(length: int, ramp: int, rise_at_start: bool, fall_at_end: bool) -
     return weights
 
 
-def blend_weights(tiles: list[Tile], height: int, width: int, overlap: int) -> list[torch.Tensor]:
-    """One `[tile.height, tile.width]` float32 weight map per tile, for stitching these tiles.
+def _ramped_weight(tiles: list[Tile], index: int, overlap: int) -> torch.Tensor:
+    """tiles[index]'s weights before normalising: flat, ramped on the sides a neighbour reaches past."""
+    tile = tiles[index]
+    neighbours = [other for other_index, other in enumerate(tiles)
+                  if other_index != index and other.overlaps(tile)]
+    rows = _edge_ramp(tile.height, overlap,
+                      rise_at_start=any(other.y < tile.y for other in neighbours),
+                      fall_at_end=any(other.y + other.height > tile.y + tile.height
+                                      for other in neighbours))
+    columns = _edge_ramp(tile.width, overlap,
+                         rise_at_start=any(other.x < tile.x for other in neighbours),
+                         fall_at_end=any(other.x + other.width > tile.x + tile.width
+                                         for other in neighbours))
+    return rows[:, None] * columns[None, :]
+
+
+def blend_weight(tiles: list[Tile], index: int, overlap: int) -> torch.Tensor:
+    """The `[height, width]` float32 weight map of `tiles[index]`, for stitching these tiles.
 
     A side of a tile ramps over `overlap` pixels when another of `tiles` overlaps the tile and
     reaches past that side; other sides (image borders, or no neighbour among `tiles`) are flat.
-    The maps are divided by their accumulated sum, so over the union of `tiles` they add up to
-    1 at every pixel; pass only the tiles that will be stitched.
+    The map is divided by the sum of all maps over the tile, so over the union of `tiles` the
+    maps add up to 1 at every pixel; pass only the tiles that will be stitched. Only the tile's
+    region is summed: memory follows the tile.
     """
-    if overlap < 0:
-        raise ValueError(f"overlap {overlap} px must not be negative")
+    _check_not_negative("overlap", overlap)
+    tile = tiles[index]
+    total = torch.zeros(tile.height, tile.width, dtype=torch.float32)
+    for other_index, other in enumerate(tiles):  # in list order: the sums match blend_weights' bit for bit
+        if other_index != index and not other.overlaps(tile):
+            continue
+        top, left = max(tile.y, other.y), max(tile.x, other.x)
+        bottom = min(tile.y + tile.height, other.y + other.height)
+        right = min(tile.x + tile.width, other.x + other.width)
+        total[top - tile.y:bottom - tile.y, left - tile.x:right - tile.x] += _ramped_weight(
+            tiles, other_index, overlap)[top - other.y:bottom - other.y, left - other.x:right - other.x]
+    return _ramped_weight(tiles, index, overlap) / total
+
+
+def blend_weights(tiles: list[Tile], height: int, width: int, overlap: int) -> list[torch.Tensor]:
+    """blend_weight for every tile of `tiles`, which must lie inside the `height` x `width` image."""
     _check_tiles_inside(tiles, height, width)
-    raw = []
-    for index, tile in enumerate(tiles):
-        neighbours = [other for other_index, other in enumerate(tiles)
-                      if other_index != index and other.overlaps(tile)]
-        rows = _edge_ramp(tile.height, overlap,
-                          rise_at_start=any(other.y < tile.y for other in neighbours),
-                          fall_at_end=any(other.y + other.height > tile.y + tile.height
-                                          for other in neighbours))
-        columns = _edge_ramp(tile.width, overlap,
-                             rise_at_start=any(other.x < tile.x for other in neighbours),
-                             fall_at_end=any(other.x + other.width > tile.x + tile.width
-                                             for other in neighbours))
-        raw.append(rows[:, None] * columns[None, :])
-    total = torch.zeros(height, width, dtype=torch.float32)
-    for tile, weight in zip(tiles, raw):
-        total[tile.slices] += weight
-    return [weight / total[tile.slices] for tile, weight in zip(tiles, raw)]
+    return [blend_weight(tiles, index, overlap) for index in range(len(tiles))]
 
 
 def crop(image_or_mask: torch.Tensor, tile: Tile) -> torch.Tensor:
@@ -220,9 +286,31 @@ def crop(image_or_mask: torch.Tensor, tile: Tile) -> torch.Tensor:
                      f"got shape {tuple(image_or_mask.shape)}")
 
 
+def stitch_tile(result: torch.Tensor, original: torch.Tensor, tile_image: torch.Tensor, tile: Tile,
+                weight: torch.Tensor, tile_mask: torch.Tensor) -> None:
+    """Blend one sampled tile into `result` (a copy of `original`) in place.
+
+    Adds `tile_mask * weight * (tile_image - original)` over the tile: once every tile of a
+    blend is in, `result` is `original * (1 - m) + blend * m`. The change is added rather than
+    the values, so a tile equal to the original adds exactly 0; where `tile_mask` is 0 `result`
+    is left untouched (a NaN from the sampler there does not leak in). `tile_mask` is the tile's
+    crop of the mask, `[B or 1, h, w]` or `[h, w]`.
+    """
+    region = crop(original, tile)
+    if tile_image.shape != region.shape:
+        raise ValueError(f"tile image at {tile} has shape {tuple(tile_image.shape)}, "
+                         f"expected {tuple(region.shape)}")
+    precision = torch.promote_types(original.dtype, torch.float32)
+    strength = _as_nchw(tile_mask).permute(0, 2, 3, 1).to(device=result.device, dtype=precision)
+    weight = weight.to(device=result.device, dtype=precision)[None, :, :, None]
+    change = strength * weight * (tile_image.to(region.device, precision) - region)
+    target = crop(result, tile)
+    target.copy_(torch.where(strength == 0, target, (target.to(precision) + change).to(result.dtype)))
+
+
 def stitch(original: torch.Tensor, tile_images: list[torch.Tensor], tiles: list[Tile],
            weights: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """Blend the sampled tiles back into `original` and composite with `mask`.
+    """Blend the sampled tiles back into `original` and composite with `mask` (see stitch_tile).
 
     Where the mask is 0 the result is `original`, bit for bit; where it is 1 it is the
     weighted blend of the tiles; in between it is `original * (1 - m) + blend * m`. Pixels
@@ -234,25 +322,16 @@ def stitch(original: torch.Tensor, tile_images: list[torch.Tensor], tiles: list[
                          f"and {len(weights)} weight maps; they must match one to one")
     batch, height, width, _ = original.shape
     _check_tiles_inside(tiles, height, width)
-    strength = _as_nchw(mask).permute(0, 2, 3, 1)  # [B or 1, H, W, 1]
     if tuple(mask.shape[-2:]) != (height, width):
         raise ValueError(f"mask is {mask.shape[-1]}x{mask.shape[-2]} px "
                          f"but the image is {width}x{height} px")
-    if strength.shape[0] not in (1, batch):
-        raise ValueError(f"mask batch {strength.shape[0]} does not match image batch {batch}")
-    # Accumulate weighted changes rather than weighted values: a tile equal to the original
-    # then adds exactly 0, so the original survives bit for bit even where the mask is 1.
-    change = torch.zeros_like(original, dtype=torch.promote_types(original.dtype, torch.float32))
+    mask_batch = _as_nchw(mask).shape[0]
+    if mask_batch not in (1, batch):
+        raise ValueError(f"mask batch {mask_batch} does not match image batch {batch}")
+    result = original.clone()
     for tile_image, tile, weight in zip(tile_images, tiles, weights):
-        region = crop(original, tile)
-        if tile_image.shape != region.shape:
-            raise ValueError(f"tile image at {tile} has shape {tuple(tile_image.shape)}, "
-                             f"expected {tuple(region.shape)}")
-        weight = weight.to(device=change.device, dtype=change.dtype)[None, :, :, None]
-        crop(change, tile).add_(weight * (tile_image.to(change) - region))
-    strength = strength.to(change)
-    blended = (original + strength * change).to(original.dtype)
-    return torch.where(strength == 0, original, blended)
+        stitch_tile(result, original, tile_image, tile, weight, crop(mask, tile))
+    return result
 
 
 def halve_tile(tile_size: int, floor: int) -> int | None:
@@ -260,7 +339,7 @@ def halve_tile(tile_size: int, floor: int) -> int | None:
 
     Half the size, rounded down to a multiple of 8 and raised to `floor` if below it.
     """
-    _check_multiple_of_8("tile size", tile_size)
+    _check_multiple_of_8("tile_size", tile_size)
     if floor < LATENT_DOWNSCALE:
         raise ValueError(f"smallest tile size {floor} px must be at least {LATENT_DOWNSCALE} px")
     _check_multiple_of_8("smallest tile size", floor)

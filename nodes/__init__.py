@@ -4,10 +4,11 @@ from .force_gc import ForceGC
 from .offload_model import OffloadModel
 from .pick_gpu import PickGPU
 from .sliced_attention import SlicedAttention
+from .tiled_inpaint import TiledInpaint
 
 ComfyExtension, _, _ = node_api()
 
-NODES = [OffloadModel, SlicedAttention, PickGPU, ForceGC]
+NODES = [OffloadModel, SlicedAttention, PickGPU, TiledInpaint, ForceGC]
 
 
 class HeadroomExtension(ComfyExtension):

@@ -26,7 +26,7 @@ def for_checkpoint(workflow: dict, checkpoint_name: str, generated: bool, steps:
             inputs["ckpt_name"] = checkpoint_name
         elif node["class_type"] == "CLIPTextEncode" and generated:
             adapted[node_id] = {"class_type": "HeadroomTestConditioning", "inputs": {"seed": int(node_id)}}
-        elif node["class_type"] in ("KSampler", "KSamplerAdvanced") and steps is not None:
+        elif node["class_type"] in ("KSampler", "KSamplerAdvanced", "HeadroomTiledInpaint") and steps is not None:
             inputs["steps"] = steps
         elif node["class_type"] == "EmptyLatentImage" and size is not None:
             inputs["width"] = inputs["height"] = size

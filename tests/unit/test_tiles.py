@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from comfyui_headroom.memory.tiles import (
-    Tile, TilePlan, blend_weights, crop, feather_mask, grow_mask, halve_tile, plan_grid,
-    select_tiles, stitch)
+    Tile, TilePlan, blend_weight, blend_weights, check_tiling, crop, feather_mask, grow_mask,
+    halve_tile, mask_in_tile, plan_grid, select_tiles, stitch, stitch_tile)
 
 # (height, width, tile_size, overlap): smaller than a tile, exactly one tile, one pixel over
 # a tile, sides that are not multiples of 8, several tiles, a long thin strip.
@@ -71,12 +71,12 @@ def test_grid_positions_for_known_sizes():
 
 
 @pytest.mark.parametrize("tile_size, overlap, message", [
-    (100, 16, "tile size 100 px is not a multiple of 8"),
-    (0, 0, "tile size 0 px must be at least 8 px"),
+    (100, 16, "tile_size 100 px is not a multiple of 8"),
+    (0, 0, "tile_size 0 px must be at least 8 px"),
     (64, 12, "overlap 12 px is not a multiple of 8"),
     (64, -8, "overlap -8 px must not be negative"),
-    (640, 640, "overlap 640 px must be smaller than the tile size 640 px"),
-    (64, 72, "overlap 72 px must be smaller than the tile size 64 px"),
+    (640, 640, "overlap 640 px must be smaller than tile_size 640 px"),
+    (64, 72, "overlap 72 px must be smaller than tile_size 64 px"),
 ])
 def test_plan_grid_rejects_bad_settings_naming_the_input(tile_size, overlap, message):
     with pytest.raises(ValueError) as error:
@@ -141,8 +141,8 @@ def test_feather_keeps_a_mask_that_touches_the_border_full_at_the_border():
 
 
 @pytest.mark.parametrize("operation, message", [
-    (grow_mask, "mask grow -1 px must not be negative"),
-    (feather_mask, "mask feather -1 px must not be negative"),
+    (grow_mask, "mask_grow -1 px must not be negative"),
+    (feather_mask, "mask_feather -1 px must not be negative"),
 ])
 def test_mask_operations_reject_negative_sizes(operation, message):
     with pytest.raises(ValueError, match=message):
@@ -396,7 +396,7 @@ def test_halve_tile_walks_down_to_the_floor_then_stops():
 
 
 @pytest.mark.parametrize("tile_size, floor, message", [
-    (100, 64, "tile size 100 px is not a multiple of 8"),
+    (100, 64, "tile_size 100 px is not a multiple of 8"),
     (512, 60, "smallest tile size 60 px is not a multiple of 8"),
     (512, 0, "smallest tile size 0 px must be at least 8 px"),
 ])
@@ -404,3 +404,104 @@ def test_halve_tile_rejects_bad_sizes(tile_size, floor, message):
     with pytest.raises(ValueError) as error:
         halve_tile(tile_size, floor)
     assert str(error.value) == message
+
+
+# --- per-tile forms: mask_in_tile, select_tiles with grow/feather, blend_weight, stitch_tile
+
+def scattered_mask(seed: int, batch: int, height: int, width: int) -> torch.Tensor:
+    """A few rectangles of random strength, some touching the image border."""
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(batch, height, width)
+    for index in range(4):
+        y = int(torch.randint(-5, height, (1,), generator=generator))
+        x = int(torch.randint(-5, width, (1,), generator=generator))
+        mask[index % batch, max(0, y):y + 9, max(0, x):x + 13] = float(torch.rand(1, generator=generator)) + 0.01
+    return mask
+
+
+@pytest.mark.parametrize("seed, grow_px, feather_px", [(0, 0, 0), (1, 3, 0), (2, 0, 5), (3, 6, 4), (4, 2, 11)])
+def test_mask_in_tile_equals_the_whole_image_mask_cropped(seed, grow_px, feather_px):
+    mask = scattered_mask(seed, 2, 101, 203)
+    whole = feather_mask(grow_mask(mask, grow_px), feather_px)
+    for tile in plan_grid(101, 203, 48, 16):
+        assert torch.equal(mask_in_tile(mask, tile, grow_px, feather_px), crop(whole, tile)), tile
+    single = mask[1]  # a [H, W] mask keeps its layout
+    assert mask_in_tile(single, Tile(0, 0, 48, 48), grow_px, feather_px).shape == (48, 48)
+
+
+def test_mask_in_tile_rejects_negative_sizes_and_tiles_outside():
+    with pytest.raises(ValueError, match="mask_grow -2 px must not be negative"):
+        mask_in_tile(torch.zeros(8, 8), Tile(0, 0, 8, 8), -2, 0)
+    with pytest.raises(ValueError, match="mask_feather -1 px must not be negative"):
+        mask_in_tile(torch.zeros(8, 8), Tile(0, 0, 8, 8), 0, -1)
+    with pytest.raises(ValueError, match="does not lie inside the 8x8 px image"):
+        mask_in_tile(torch.zeros(8, 8), Tile(0, 0, 16, 16))
+
+
+@pytest.mark.parametrize("seed, grow_px, feather_px", [(5, 0, 0), (6, 8, 8), (7, 20, 3)])
+def test_select_tiles_with_grow_and_feather_picks_the_tiles_of_the_final_mask(seed, grow_px, feather_px):
+    mask = scattered_mask(seed, 1, 101, 203)
+    tiles = plan_grid(101, 203, 32, 8)
+    whole = feather_mask(grow_mask(mask, grow_px), feather_px)
+    selected = select_tiles(tiles, mask, grow_px, feather_px)
+    assert selected == select_tiles(tiles, whole) == tiles_touched_by_brute_force(tiles, whole)
+    assert 0 < len(selected) < len(tiles)
+
+
+def test_growing_the_mask_reaches_exactly_the_next_tile():
+    tiles = plan_grid(64, 112, 64, 16)  # columns 0..63 and 48..111
+    mask = torch.zeros(64, 112)
+    mask[30, 40] = 1.0  # 8 px left of the second tile
+    assert select_tiles(tiles, mask, grow_px=7) == [tiles[0]]
+    assert select_tiles(tiles, mask, grow_px=8) == tiles
+    assert select_tiles(tiles, mask, grow_px=4, feather_px=4) == tiles
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_blend_weight_is_blend_weights_entry_bit_for_bit(seed):
+    tiles = plan_grid(200, 264, 64, 16)
+    keep = torch.rand(len(tiles), generator=torch.Generator().manual_seed(seed)) < 0.5
+    subset = [tile for tile, kept in zip(tiles, keep.tolist()) if kept]
+    for index, weight in enumerate(blend_weights(subset, 200, 264, 16)):
+        assert torch.equal(blend_weight(subset, index, 16), weight)
+
+
+def test_stitching_tile_by_tile_gives_the_stitch_result():
+    image = random_image(2, 101, 203, seed=6)
+    mask = soft_mask(2, 101, 203)
+    tiles = select_tiles(plan_grid(101, 203, 64, 16), mask)
+    generator = torch.Generator().manual_seed(7)
+    tile_images = [torch.rand(crop(image, tile).shape, generator=generator) for tile in tiles]
+    expected = stitch(image, tile_images, tiles, blend_weights(tiles, 101, 203, 16), mask)
+    result = image.clone()
+    for index, (tile, tile_image) in enumerate(zip(tiles, tile_images)):
+        stitch_tile(result, image, tile_image, tile, blend_weight(tiles, index, 16), crop(mask, tile))
+    assert torch.equal(result, expected)
+    outside = (mask == 0)[..., None].expand_as(image)
+    assert torch.equal(result[outside], image[outside]) and not torch.equal(result, image)
+
+
+def test_stitch_tile_changes_only_its_tile_and_keeps_masked_off_pixels():
+    image = random_image(1, 64, 112, seed=8)
+    result = image.clone()
+    tile = Tile(0, 48, 64, 64)
+    tile_mask = torch.zeros(64, 64)
+    tile_mask[:, 32:] = 0.5
+    tile_image = torch.full((1, 64, 64, 3), float("nan"))
+    tile_image[:, :, 32:] = 1.0
+    stitch_tile(result, image, tile_image, tile, torch.ones(64, 64), tile_mask)
+    assert torch.equal(result[:, :, :80], image[:, :, :80])  # outside the tile, and where the mask is 0
+    assert torch.allclose(result[:, :, 80:], (image[:, :, 80:] + 1.0) / 2)
+    with pytest.raises(ValueError, match=r"expected \(1, 64, 64, 3\)"):
+        stitch_tile(result, image, tile_image[:, :32], tile, torch.ones(64, 64), tile_mask)
+
+
+def test_tile_plan_names_the_batch():
+    plan = TilePlan(grid_count=18, sampled_count=3, tile_size=512, overlap=64, images=2)
+    assert plan.describe() == "tiles: 18 in grid over 2 images (512 px, overlap 64 px), 3 sampled, 15 skipped"
+
+
+def test_check_tiling_names_the_setting():
+    check_tiling(640, 64)
+    with pytest.raises(ValueError, match="overlap 64 px must be smaller than tile_size 64 px"):
+        check_tiling(64, 64)
