@@ -355,7 +355,8 @@ class TiledInpaint:
 def inpaint_tiled(image: torch.Tensor, mask: torch.Tensor, positive: list, negative: list,
                   settings: InpaintSettings, backend: TileBackend) -> tuple[torch.Tensor, InpaintReport]:
     """Inpaint `image` where `mask` (grown, feathered) is nonzero, tile by tile; see TiledInpaint."""
-    # No autograd graph, also outside ComfyUI's executor (which runs nodes in inference mode): the
-    # result would otherwise keep every tile's VAE activations alive until the run ends.
-    with torch.no_grad():
+    # ComfyUI's executor runs nodes in inference mode; so does this outside it (tests, scripts): else
+    # an autograd graph keeps every tile's VAE activations alive until the run ends, and ComfyUI's
+    # tiled VAE, which adds in place to its own inference-mode tensors, fails.
+    with torch.inference_mode():
         return TiledInpaint(image, mask, positive, negative, settings, backend).run()

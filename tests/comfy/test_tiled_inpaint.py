@@ -185,3 +185,21 @@ def test_a_model_that_is_not_a_diffusion_model_is_refused(comfy_nodes, loaded_ch
     _, _, vae = loaded_checkpoint
     with pytest.raises(ValueError, match="model: Tiled Inpaint needs a diffusion model"):
         tiled_inpaint(comfy_nodes, vae.patcher, vae, torch.rand(1, 64, 64, 3), torch.ones(1, 64, 64))
+
+
+def test_the_comfyui_side_of_the_ladder_calls_comfyuis_own_functions(comfy_nodes, loaded_checkpoint):
+    """The fallbacks an OOM leads to, called directly: VAE tiled encode/decode and freeing the other models."""
+    model, _, vae = loaded_checkpoint
+    backend = comfy_host.pack_module("memory.comfy").inpaint_backend(model, vae, 1, 4.0, "euler", "normal", 1.0)
+    pixels = random_image(size=256, seed=5)
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        latent = backend.encode_tiled(pixels)
+        assert latent.shape == (1, 4, 32, 32)
+        assert torch.allclose(latent, backend.encode(pixels), atol=0.05)  # TAESD tiles agree with the whole
+        assert backend.decode_tiled(latent).shape == (1, 256, 256, 3)
+    model_management.load_models_gpu([model])
+    assert any(entry.model is vae.patcher for entry in model_management.current_loaded_models)
+    assert backend.free_memory() == ["TAESD"]  # the VAE goes, the model that samples stays
+    loaded = [entry.model for entry in model_management.current_loaded_models]
+    assert model in loaded and vae.patcher not in loaded
+    assert backend.is_out_of_memory(torch.OutOfMemoryError("x")) and not backend.is_out_of_memory(ValueError())
