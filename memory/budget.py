@@ -43,6 +43,15 @@ class Budget:
             raise ValueError(f"keep_free_gb {self.keep_free_bytes / GB:g} leaves nothing of {device} "
                              f"({gb(total_bytes)} in all) for the model; use less than that")
 
+    def limit_bytes(self, device_total_bytes: int) -> tuple[int, str] | None:
+        """The budget as device memory, for the Memory Report's chart: (bytes, what they mean)."""
+        if self.weights_cap_bytes is not None:
+            return self.weights_cap_bytes, f"budget_gb: resident weights <= {gb(self.weights_cap_bytes)}"
+        if self.keep_free_bytes is not None:
+            return (device_total_bytes - self.keep_free_bytes,
+                    f"keep_free_gb: {gb(self.keep_free_bytes)} of {gb(device_total_bytes)} left free")
+        return None
+
     def describe(self) -> str:
         if self.weights_cap_bytes is not None:
             return f"resident weights <= {gb(self.weights_cap_bytes)}"

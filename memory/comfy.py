@@ -65,6 +65,12 @@ def add_wrappers(patcher, wrappers: dict, callbacks: dict) -> None:
         patcher.add_callback_with_key(getattr(extension.CallbacksMP, name), WRAPPER_KEY, function)
 
 
+def headroom_wrappers(patcher, name: str) -> list:
+    """The pack's wrappers of one kind (WrappersMP member name) on a patcher."""
+    import comfy.patcher_extension as extension
+    return list(patcher.wrappers.get(getattr(extension.WrappersMP, name), {}).get(WRAPPER_KEY, []))
+
+
 def has_headroom_hooks(patcher) -> bool:
     """Whether any wrapper, callback or transformer option of the pack is on this patcher."""
     options = patcher.model_options.get("transformer_options", {})
@@ -169,43 +175,97 @@ def is_interrupt(error: BaseException) -> bool:
     return isinstance(error, _model_management().InterruptProcessingException)
 
 
-# the CLIP and VAE methods nodes call to use them; an outer call may use an inner one
-_ENTRY_POINTS = {"CLIP": ("encode_from_tokens_scheduled", "encode_from_tokens", "encode"),
-                 "VAE": ("decode", "decode_tiled", "encode", "encode_tiled")}
+# the CLIP and VAE methods nodes call to use them, and the stage each is; an outer call may use an inner one
+_ENTRY_POINTS = {"CLIP": {"encode_from_tokens_scheduled": "text encode", "encode_from_tokens": "text encode",
+                          "encode": "text encode"},
+                 "VAE": {"decode": "VAE decode", "decode_tiled": "VAE decode", "encode": "VAE encode",
+                         "encode_tiled": "VAE encode"}}
 
 
-def offload_after_use(clip_or_vae, kind: str):
-    """A copy of a CLIP or VAE that unloads itself from its device as soon as a call has finished.
+def watch_use(clip_or_vae, kind: str, offload: bool):
+    """A copy of a CLIP or VAE whose every use is a stage of the Memory Report, and which unloads itself
+    from its device as soon as a use has finished when `offload` is set.
 
     The methods are wrapped on the copy only (an instance we own), never on the class; the copy
     gets its own patcher clone so releasing it leaves the incoming object's loaded state alone.
+    ComfyUI's loaded-model list falls back to a patcher's parent when the patcher dies, and a dead
+    parent reads as a memory leak. So the clone's parent is the incoming patcher (never a throwaway
+    clone), and the wrappers hold the copy weakly: no reference cycle, so the copy dies when ComfyUI's
+    cache drops it, while the nodes before it still hold the parent.
     """
     import copy
     import logging
+    import weakref
     log = logging.getLogger("headroom")
     if kind == "CLIP":
         user = clip_or_vae.clone()
     else:
         user = copy.copy(clip_or_vae)  # v0.3.64's VAE has no clone(); its state is the patcher
+        for name in _after_use_entry_points(clip_or_vae, kind):
+            delattr(user, name)  # an earlier watch_use's wrappers call the copy they were made for
         user.patcher = clip_or_vae.patcher.clone()
+    this_copy = weakref.ref(user)
     depth = [0]
-    for name in _ENTRY_POINTS[kind]:
+    for name, stage_kind in _ENTRY_POINTS[kind].items():
         if not hasattr(user, name):
             continue
 
-        def after_use(*args, _call=getattr(user, name), _name=name, **kwargs):
+        def use(*args, _method=getattr(type(user), name), _name=name, _stage=stage_kind, **kwargs):
+            watched = this_copy()  # alive: it is the object this method was looked up on
+            if depth[0]:
+                return _method(watched, *args, **kwargs)  # an inner call of an outer use: one stage, one release
             depth[0] += 1
+            patcher = watched.patcher
             try:
-                return _call(*args, **kwargs)
+                with stage(_stage, model_name(patcher), patcher.load_device) as record:
+                    try:
+                        return _method(watched, *args, **kwargs)
+                    finally:
+                        record.resident_bytes = loaded_bytes(patcher)
+                        if offload:
+                            unloaded = release(patcher)
+                            record.detail = f"moved off {patcher.load_device} after {_name}"
+                            log.info("Headroom offload: %s moved off %s after %s (unloaded: %s)", kind,
+                                     patcher.load_device, _name, ", ".join(unloaded) or "nothing was loaded")
             finally:
                 depth[0] -= 1
-                if depth[0] == 0:
-                    unloaded = release(user.patcher)
-                    log.info("Headroom offload: %s moved off %s after %s (unloaded: %s)", kind,
-                             user.patcher.load_device, _name, ", ".join(unloaded) or "nothing was loaded")
 
-        setattr(user, name, after_use)
+        use.headroom_offload = offload
+        setattr(user, name, use)
     return user
+
+
+# --- Memory Report: the journal of the prompt that is running
+
+_JOURNALS_KEPT = 4  # the running prompt's and a few before it, for a report read after its prompt ended
+# The pack's one piece of process state: ComfyUI runs a prompt's nodes and hooks as separate calls, and
+# the journal of the prompt they belong to (by the prompt id ComfyUI's executor sets) is what they share.
+_journals: dict = {}
+
+
+def executing_node() -> tuple[str | None, str | None]:
+    """(prompt id, node id) of the node ComfyUI is running now; (None, None) outside a prompt."""
+    from comfy_execution.utils import get_executing_context
+    context = get_executing_context()
+    return (context.prompt_id, context.node_id) if context is not None else (None, None)
+
+
+def prompt_journal():
+    """The Journal of the prompt that is running (outside a prompt: one shared journal)."""
+    from .report import Journal
+    prompt_id, _ = executing_node()
+    journal = _journals.get(prompt_id)
+    if journal is None:
+        journal = _journals[prompt_id] = Journal(prompt_id)
+        while len(_journals) > _JOURNALS_KEPT:
+            del _journals[next(iter(_journals))]  # the oldest prompt's
+    return journal
+
+
+def stage(kind: str, name: str, device):
+    """Measure a block as a stage of the running prompt's journal, tagged with the running node."""
+    _, node_id = executing_node()
+    return prompt_journal().stage(kind, name, str(device), node_id)
 
 
 # --- Sliced Attention
@@ -265,28 +325,24 @@ def place_model(model, device: str):
 
 
 def place_clip(clip, device: str):
-    """A clone of a CLIP whose text encoder loads on `device` (v0.12 sets its execution device from it)."""
+    """A copy of a CLIP whose text encoder loads on `device` (v0.12 sets its execution device from it)."""
     import torch
     target = torch.device(device)
     _refuse_dynamic_move(clip.patcher, target)
-    placed = clip.clone()  # a fresh CLIP: it does not carry instance-level wrappers over
+    placed = watch_use(clip, "CLIP", _offloads_after_use(clip, "CLIP"))  # one clone, of the incoming patcher
     _set_devices(placed.patcher, target)
-    return _keep_after_use(clip, placed, "CLIP")
+    return placed
 
 
 def place_vae(vae, device: str):
     """A copy of a VAE that loads on `device`: its patcher (a clone) and vae.device, which encode/decode move inputs to."""
-    import copy
     import torch
     target = torch.device(device)
     _refuse_dynamic_move(vae.patcher, target)
-    placed = copy.copy(vae)  # v0.3.64's VAE has no clone(); its state is the patcher and the device
-    for name in _after_use_entry_points(vae, "VAE"):
-        delattr(placed, name)  # Offload Model's wrappers call the copy they were made for: re-applied below
-    placed.patcher = vae.patcher.clone()
+    placed = watch_use(vae, "VAE", _offloads_after_use(vae, "VAE"))
     _set_devices(placed.patcher, target)
     placed.device = target
-    return _keep_after_use(vae, placed, "VAE")
+    return placed
 
 
 def _set_devices(patcher, target) -> None:
@@ -303,14 +359,13 @@ def _refuse_dynamic_move(patcher, target) -> None:
 
 
 def _after_use_entry_points(clip_or_vae, kind: str) -> list[str]:
-    """The methods Offload Model's offload_after_use wrapped on this object."""
-    return [name for name in _ENTRY_POINTS[kind]
-            if getattr(vars(clip_or_vae).get(name), "__qualname__", "").startswith("offload_after_use.")]
+    """The methods watch_use wrapped on this object."""
+    return [name for name in _ENTRY_POINTS[kind] if hasattr(vars(clip_or_vae).get(name), "headroom_offload")]
 
 
-def _keep_after_use(incoming, placed, kind: str):
-    """`placed`, moved off its device after each use when `incoming` was (Offload Model before Pick GPU)."""
-    return offload_after_use(placed, kind) if _after_use_entry_points(incoming, kind) else placed
+def _offloads_after_use(clip_or_vae, kind: str) -> bool:
+    """Whether Offload Model set this CLIP or VAE to move off its device after each use."""
+    return any(vars(clip_or_vae)[name].headroom_offload for name in _after_use_entry_points(clip_or_vae, kind))
 
 
 # --- Tiled Inpaint

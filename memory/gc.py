@@ -85,6 +85,13 @@ class GcRecord:
         record["vram_freed_bytes"] = self.vram_freed_bytes
         return record
 
+    def summary(self) -> str:
+        """A few words for the Memory Report."""
+        if not self.acted:
+            return f"skipped: {self.utilization_percent:.0f}% used, below {self.threshold_percent:g}%"
+        return (f"freed RAM {self.ram_freed_bytes / GB:.2f} GB, VRAM {self.vram_freed_bytes / GB:.2f} GB; "
+                f"unloaded [{', '.join(self.models_unloaded)}]")
+
     def log_line(self) -> str:
         """One line, SD.Next style: utilization and threshold, what was collected and freed."""
         head = (f"Headroom GC: device={self.device} utilization={self.utilization_percent:.1f}% "

@@ -1,7 +1,8 @@
 """Apply a budget to a clone of a MODEL through ComfyUI's public wrappers; undo it when the run ends.
 
 Hooks, all registered under one key on the clone (so they travel with the MODEL into any sampler):
-  OUTER_SAMPLE      scope of one run: plan, record, out-of-memory ladder, release at the end
+  OUTER_SAMPLE      the run as a stage of the Memory Report (add_stage_recorder, outermost); then the
+                    scope of one run: plan, record, out-of-memory ladder, release at the end
   PREPARE_SAMPLING  after ComfyUI's load_models_gpu, trim the resident weights to the plan
   CALC_COND_BATCH   run cond and uncond one after the other when the plan says so
   PREDICT_NOISE     per step: measure resident weights and RAM; the test hook that injects an OOM
@@ -23,7 +24,7 @@ from . import comfy
 from .attention import ACTIVATION_BYTES_KEY
 from .budget import Budget
 from .plan import Plan, oom_ladder, plan_sampling
-from .report import RecordLog, SamplingRecord
+from .report import BudgetLine, RecordLog, SamplingRecord
 
 HEADROOM = comfy.WRAPPER_KEY  # transformer_options key of the pack's state
 log = logging.getLogger("headroom")
@@ -49,7 +50,7 @@ class RunState:
 
 def apply_budget(model, budget: Budget, records: RecordLog | None = None):
     """A clone of `model` whose sampling runs under `budget`; `model` itself is left untouched."""
-    clone = model.clone()
+    clone = add_stage_recorder(model.clone())  # first: the stage wraps the whole run, retries included
     options = clone.model_options.setdefault("transformer_options", {})
     headroom = dict(options.get(HEADROOM, {}))  # a copy: never share a dict with the incoming model
     headroom["offload"] = OffloadSettings(budget=budget, records=records or RecordLog())
@@ -89,15 +90,16 @@ def _outer_sample(executor, *args, **kwargs):
     device = comfy.device_facts(patcher.load_device)
     plan = plan_sampling(settings.budget, comfy.model_facts(patcher, noise.shape), device,
                          comfy.loaded_bytes(patcher))
+    limit = settings.budget.limit_bytes(device.total_bytes)
+    if limit is not None:
+        comfy.prompt_journal().set_budget(BudgetLine(device.name, *limit))
     record = SamplingRecord(model=comfy.model_name(patcher), device=device.name, plan=plan.describe(),
                             planned_resident_bytes=plan.resident_bytes)
     run = RunState(plan=plan, record=record)
     headroom["run"] = run
     headroom[ACTIVATION_BYTES_KEY] = plan.activation_bytes  # Sliced Attention's auto target
     log.info("Headroom plan: %s", plan.describe())
-    cuda = patcher.load_device.type == "cuda" and torch.cuda.is_available()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(patcher.load_device)
+    cuda = patcher.load_device.type == "cuda" and torch.cuda.is_available()  # peak: since the stage began
     started = time.perf_counter()
     rungs = None
     try:
@@ -175,6 +177,42 @@ def _predict_noise(executor, *args, **kwargs):
     record.measured_resident_bytes = max(record.measured_resident_bytes, comfy.loaded_bytes(guider.model_patcher))
     record.peak_ram_bytes = max(record.peak_ram_bytes, psutil.Process().memory_info().rss)
     return output
+
+
+# --- The Memory Report's sampling stage: on every model a Headroom node returns
+
+def add_stage_recorder(clone):
+    """Register on a clone (once): each sampling run is a stage of the Memory Report. Returns the clone."""
+    if _record_sampling not in comfy.headroom_wrappers(clone, "OUTER_SAMPLE"):
+        comfy.add_wrappers(clone, {"OUTER_SAMPLE": _record_sampling}, {})
+    return clone
+
+
+def _record_sampling(executor, *args, **kwargs):
+    guider = executor.class_obj
+    patcher = guider.model_patcher
+    with comfy.stage("sampling", comfy.model_name(patcher), patcher.load_device) as stage:
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            run: RunState | None = _headroom(guider.model_options).get("run")
+            if run is None:  # no Offload Model: what ComfyUI kept loaded
+                stage.resident_bytes = comfy.loaded_bytes(patcher)
+            else:
+                _copy_plan(run, stage)
+
+
+def _copy_plan(run: RunState, stage) -> None:
+    plan, record = run.plan, run.record  # the plan the run finished with, after any rungs
+    if plan.resident_bytes is not None:
+        on_device = plan.resident_bytes + plan.activation_bytes
+        if stage.device.startswith("cuda"):
+            stage.planned_vram_bytes, stage.planned_ram_bytes = on_device, plan.weight_bytes - plan.resident_bytes
+        else:  # the device is the CPU: weights and activations are all in RAM
+            stage.planned_ram_bytes = plan.weight_bytes + plan.activation_bytes
+    stage.resident_bytes = record.measured_resident_bytes
+    stage.rungs = list(record.rungs)
+    stage.detail = f"{record.steps} steps; plan: {record.plan}"
 
 
 # --- Pick GPU: the model's device is torch's current CUDA device while it samples

@@ -1,10 +1,211 @@
-"""Records of what each stage planned and measured; kept per model for the Memory Report."""
+"""What each stage of a prompt planned and measured, and the Memory Report built from it.
+
+A `Journal` belongs to one prompt. Every Headroom hook opens a stage in it (text encode,
+sampling, VAE, tiles, GC) with `journal.stage(...)`; stages nest (a tile's sampling runs inside
+"tiles"). Peaks come from a `PeakProbe`: the process's RAM high-water mark (Linux VmHWM, reset
+through /proc/self/clear_refs) and torch's allocated peak per CUDA device. Both are process-wide
+counters, so a stage that opens inside another folds what the outer one had seen before it
+resets them, and hands its own peak back to the outer one when it closes.
+"""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import re
+import time
 
-from .budget import gb
+import psutil
+import torch
+
+from .budget import GB, gb
+
+RAM = "ram"  # the probe's key for the process's RAM; CUDA devices are keyed by name ("cuda:0")
+
+
+class PeakProbe:
+    """The process's peak memory since the last reset: RAM and every CUDA device torch sees."""
+
+    def __init__(self):
+        self.ram_peak_is_exact = _reset_ram_peak()  # False off Linux: the peak is the RSS at reads
+
+    def reset(self) -> None:
+        if self.ram_peak_is_exact:
+            _reset_ram_peak()
+        for device in _cuda_devices():
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def read(self) -> dict[str, int]:
+        peaks = {RAM: _ram_peak_bytes() if self.ram_peak_is_exact else psutil.Process().memory_info().rss}
+        for device in _cuda_devices():
+            peaks[device] = int(torch.cuda.max_memory_allocated(device))
+        return peaks
+
+
+def _cuda_devices() -> list[str]:
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return []  # nothing has run on a GPU yet: no peak to read, and no CUDA context to create for it
+    return [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+
+
+def _reset_ram_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # "5" resets the peak RSS (VmHWM) of this process, nothing else
+        return _ram_peak_bytes() > 0
+    except OSError:
+        return False
+
+
+def _ram_peak_bytes() -> int:
+    with open("/proc/self/status") as status:
+        match = re.search(r"^VmHWM:\s+(\d+) kB", status.read(), re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else 0
+
+
+def _fold(peaks: dict[str, int], more: dict[str, int]) -> None:
+    for key, value in more.items():
+        peaks[key] = max(peaks.get(key, 0), value)
+
+
+@dataclasses.dataclass
+class Stage:
+    """One stage of a prompt: what it planned (None where nothing was planned) and what it measured."""
+    kind: str  # text encode | sampling | VAE decode | VAE encode | tiles | GC
+    name: str  # what ran: the model, or the node
+    device: str
+    node_id: str | None = None  # the ComfyUI node that ran it
+    node_type: str | None = None  # that node's class (KSampler, VAEDecode...), when the prompt is known
+    depth: int = 0  # how many stages it ran inside (a tile's sampling runs inside "tiles")
+    planned_vram_bytes: int | None = None  # on a CUDA device: weights kept resident + activations
+    planned_ram_bytes: int | None = None  # weights planned to wait in RAM (+ activations on the CPU)
+    resident_bytes: int | None = None  # the most model weight bytes seen on the device
+    peak_vram_bytes: int | None = None  # torch's allocated peak on the stage's CUDA device; None elsewhere
+    peak_ram_bytes: int = 0  # the process's peak RSS during the stage
+    vram_after_bytes: int | None = None  # torch-allocated on the stage's CUDA device when it ended
+    ram_after_bytes: int = 0  # the process's RSS when it ended (what a GC gave back shows here)
+    seconds: float = 0.0
+    rungs: list[str] = dataclasses.field(default_factory=list)  # out-of-memory ladder rungs used
+    outcome: str = "running"  # success | failed: <error> | interrupted
+    detail: str = ""  # the plan, the tile count, what GC freed
+
+    def line(self) -> str:
+        planned = " ".join(f"{label}<={gb(value)}" for label, value in
+                           (("vram", self.planned_vram_bytes), ("ram", self.planned_ram_bytes)) if value is not None)
+        measured = [f"peak_ram={gb(self.peak_ram_bytes)}", f"ram_after={gb(self.ram_after_bytes)}"]
+        if self.peak_vram_bytes is not None:
+            measured[:0] = [f"peak_vram={gb(self.peak_vram_bytes)}", f"vram_after={gb(self.vram_after_bytes)}"]
+        if self.resident_bytes is not None:
+            measured.append(f"resident={gb(self.resident_bytes)}")
+        node = f" node={self.node_id}" if self.node_id is not None else ""
+        node += f"({self.node_type})" if self.node_type else ""
+        rungs = f" oom_rungs=[{'; '.join(self.rungs)}]" if self.rungs else ""
+        return (f"{'  ' * self.depth}{self.kind}: {self.name} on {self.device}{node} {self.outcome} "
+                f"{self.seconds:.2f}s planned[{planned or 'none'}] {' '.join(measured)}{rungs}"
+                + (f" ({self.detail})" if self.detail else ""))
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetLine:
+    """A limit the user set, in device memory: what the chart draws as a line."""
+    device: str
+    bytes: int
+    label: str
+
+
+class Journal:
+    """The stages of one prompt, in the order they started."""
+
+    def __init__(self, prompt_id: str | None = None, probe: PeakProbe | None = None):
+        self.prompt_id = prompt_id
+        self.probe = probe or PeakProbe()
+        self.stages: list[Stage] = []
+        self.budgets: dict[str, BudgetLine] = {}  # by device: the latest limit set there
+        self._open_peaks: list[dict[str, int]] = []  # the peaks each open stage has seen, outermost first
+
+    @contextlib.contextmanager
+    def stage(self, kind: str, name: str, device: str, node_id: str | None = None):
+        """Measure the block as one stage; yields the Stage for the caller to add its plan to."""
+        record = Stage(kind=kind, name=name, device=str(device), node_id=node_id, depth=len(self._open_peaks))
+        seen_so_far = self.probe.read()
+        for outer in self._open_peaks:
+            _fold(outer, seen_so_far)
+        self.probe.reset()
+        peaks: dict[str, int] = {}
+        self._open_peaks.append(peaks)
+        self.stages.append(record)
+        started = time.perf_counter()
+        try:
+            yield record
+            record.outcome = "success"
+        except BaseException as error:
+            interrupted = isinstance(error, KeyboardInterrupt) or "Interrupt" in type(error).__name__
+            record.outcome = "interrupted" if interrupted else f"failed: {type(error).__name__}"
+            raise
+        finally:
+            record.seconds = time.perf_counter() - started
+            _fold(peaks, self.probe.read())
+            self._open_peaks.pop()
+            for outer in self._open_peaks:
+                _fold(outer, peaks)
+            record.peak_ram_bytes = peaks[RAM]
+            record.peak_vram_bytes = peaks.get(record.device) if record.device.startswith("cuda") else None
+            record.ram_after_bytes = psutil.Process().memory_info().rss
+            if record.peak_vram_bytes is not None:
+                record.vram_after_bytes = int(torch.cuda.memory_allocated(record.device))
+
+    def set_budget(self, line: BudgetLine) -> None:
+        self.budgets[line.device] = line
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+    """The Memory Report: a prompt's stages so far and the budgets set in it."""
+    prompt_id: str | None
+    stages: tuple[Stage, ...]
+    budgets: tuple[BudgetLine, ...]
+    ram_peak_is_exact: bool
+
+    @classmethod
+    def of(cls, journal: Journal, node_types: dict[str, str] | None = None) -> MemoryReport:
+        """A snapshot of the journal; `node_types` (node id -> class) names the node of each stage."""
+        node_types = node_types or {}
+        stages = tuple(dataclasses.replace(stage, rungs=list(stage.rungs),
+                                           node_type=node_types.get(stage.node_id, stage.node_type))
+                       for stage in journal.stages)
+        return cls(journal.prompt_id, stages, tuple(journal.budgets.values()), journal.probe.ram_peak_is_exact)
+
+    @property
+    def peak_vram_bytes(self) -> int | None:
+        peaks = [stage.peak_vram_bytes for stage in self.stages if stage.peak_vram_bytes is not None]
+        return max(peaks) if peaks else None
+
+    @property
+    def peak_ram_bytes(self) -> int:
+        return max((stage.peak_ram_bytes for stage in self.stages), default=0)
+
+    def to_dict(self) -> dict:
+        return {"prompt_id": self.prompt_id,
+                "stages": [dataclasses.asdict(stage) for stage in self.stages],
+                "budgets": [dataclasses.asdict(line) for line in self.budgets],
+                "peak_vram_bytes": self.peak_vram_bytes, "peak_ram_bytes": self.peak_ram_bytes,
+                "ram_peak_is_exact": self.ram_peak_is_exact}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def describe(self) -> str:
+        if not self.stages:
+            return ("Memory Report: no Headroom stage has run in this prompt (yet). Stages are recorded for models, "
+                    "text encoders and VAEs that pass through Offload Model, Sliced Attention or Pick GPU, and "
+                    "for Force GC and Tiled Inpaint; wire the report after them. Nodes ComfyUI served from its "
+                    "cache did not run, so they have no stage.")
+        vram = "n/a (no CUDA device used)" if self.peak_vram_bytes is None else gb(self.peak_vram_bytes)
+        lines = [f"Memory Report: {len(self.stages)} stages, peak VRAM {vram}, peak RAM {gb(self.peak_ram_bytes)}"
+                 + ("" if self.ram_peak_is_exact else " (RAM peaks are RSS at stage ends: no VmHWM here)")]
+        lines += [f"budget on {line.device}: {line.label} ({gb(line.bytes)})" for line in self.budgets]
+        lines += [stage.line() for stage in self.stages]
+        return "\n".join(lines)
 
 
 @dataclasses.dataclass

@@ -1,7 +1,7 @@
 """Force GC: collect garbage, unload models from every device, give memory back; pass a value through."""
 import logging
 
-from ..memory.comfy import ComfyModelHost, default_device, node_api
+from ..memory.comfy import ComfyModelHost, default_device, node_api, stage
 from ..memory.gc import GcRequest, force_gc
 
 _, io, ui = node_api()
@@ -49,7 +49,9 @@ class ForceGC(io.ComfyNode):
     def execute(cls, threshold_percent=0.0, unload_models=True, trim_ram=True, value=None):
         request = GcRequest(threshold_percent=threshold_percent, unload_models=unload_models,
                             trim_ram=trim_ram, device=default_device())
-        record = force_gc(request, ComfyModelHost())
+        with stage("GC", "Force GC", request.device) as gc_stage:
+            record = force_gc(request, ComfyModelHost())
+            gc_stage.detail = record.summary()
         line = record.log_line()
         log.info(line)
         return io.NodeOutput(value, line, ui=ui.PreviewText(line))

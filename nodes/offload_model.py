@@ -65,9 +65,9 @@ class OffloadModel(io.ComfyNode):
         device = comfy.device_facts(model.load_device)
         budget.check_fits(device.name, device.total_bytes)
         patched = apply_budget(model, budget)
-        if text_encoder_and_vae == OFFLOAD_AFTER_USE:
-            clip = comfy.offload_after_use(clip, "CLIP") if clip is not None else None
-            vae = comfy.offload_after_use(vae, "VAE") if vae is not None else None
+        offload = text_encoder_and_vae == OFFLOAD_AFTER_USE
+        clip = comfy.watch_use(clip, "CLIP", offload) if clip is not None else None
+        vae = comfy.watch_use(vae, "VAE", offload) if vae is not None else None
         plan = (f"Offload Model: {budget.describe()} on {device.name} ({gb(device.total_bytes)}); "
                 f"{comfy.model_name(model)} weights {gb(model.model_size())}; text encoder and VAE: "
                 f"{text_encoder_and_vae}")

@@ -12,7 +12,7 @@ from ..memory.devices import (
     pick_round_robin,
     restrict_devices,
 )
-from ..memory.patching import add_device_guard
+from ..memory.patching import add_device_guard, add_stage_recorder
 
 _, io, ui = comfy.node_api()
 log = logging.getLogger("headroom")
@@ -128,7 +128,8 @@ class PickGPU(io.ComfyNode):
             placed.append(input_name.upper())
             return moved
 
-        model = place("model", model, model, lambda m, d: add_device_guard(comfy.place_model(m, d)))
+        model = place("model", model, model,
+                      lambda m, d: add_device_guard(add_stage_recorder(comfy.place_model(m, d))))
         clip = place("clip", clip, clip and clip.patcher, comfy.place_clip)
         vae = place("vae", vae, vae and vae.patcher, comfy.place_vae)
         parts = [f"Pick GPU: {choice.describe()}",

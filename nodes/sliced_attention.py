@@ -11,6 +11,7 @@ from ..memory.attention import (
     make_attention_override,
 )
 from ..memory.comfy import comfy_attention_functions, has_fused_attention, node_api
+from ..memory.patching import add_stage_recorder
 
 _, io, _ = node_api()
 log = logging.getLogger("headroom")
@@ -95,7 +96,7 @@ class SlicedAttention(io.ComfyNode):
                              fused_kernel=fused, target_name="target_mb")
         override = make_attention_override(plan, on_call=log_attention_call,
                                            delegates=comfy_attention_functions())
-        patched = model.clone()
+        patched = add_stage_recorder(model.clone())  # its sampling runs show in the Memory Report
         options = patched.model_options.setdefault("transformer_options", {})
         replaced = install_attention_override(options, plan, override)
         target = f"{target_mb}MB" if target_mb else "auto(activation budget, else 50% of free memory per call)"

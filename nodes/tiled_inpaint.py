@@ -90,7 +90,10 @@ class TiledInpaint(io.ComfyNode):
                              f"model loader), got {type(getattr(model, 'model', model)).__name__}")
         settings = InpaintSettings(tile_size, overlap, mask_grow, mask_feather, seed)
         backend = comfy.inpaint_backend(model, vae, steps, cfg, sampler_name, scheduler, denoise)
-        result, report = inpaint_tiled(image, mask, positive, negative, settings, backend)
+        with comfy.stage("tiles", "Tiled Inpaint", model.load_device) as tiles_stage:
+            result, report = inpaint_tiled(image, mask, positive, negative, settings, backend)
+            tiles_stage.rungs = list(report.retries)
+            tiles_stage.detail = report.describe()
         log.info(report.log_line())
         plan = report.describe()
         return io.NodeOutput(result, plan, ui=ui.PreviewText(plan))

@@ -124,7 +124,7 @@ def test_model_clip_and_vae_picked_to_cpu_run_there_and_the_incoming_ones_are_un
     # the incoming objects: same devices, no wrappers; only the clone carries the device guard
     assert devices_of(model, clip, vae) == before
     assert not any(has_headroom_hooks(patcher) for patcher in (model, clip.patcher, vae.patcher))
-    assert outer_sample_wrappers(picked_model) == ["_device_guard"]
+    assert outer_sample_wrappers(picked_model) == ["_record_sampling", "_device_guard"]  # the stage outermost
     assert choice.startswith("Pick GPU: cpu (CPU (system RAM), ")
     assert ": asked for 'cpu'; MODEL, CLIP, VAE on cpu" in choice
 
@@ -169,12 +169,12 @@ def test_composes_with_offload_model_in_both_orders_under_the_budget(comfy_nodes
     budget = model.model_size() // 4
     if order == "pick then offload":
         combined = offload(comfy_nodes, pick(comfy_nodes, model=model)[0], budget)[0]
-        expected_wrappers = ["_device_guard", "_outer_sample"]
+        expected_wrappers = ["_record_sampling", "_device_guard", "_outer_sample"]
     else:
         combined = pick(comfy_nodes, model=offload(comfy_nodes, model, budget)[0])[0]
-        expected_wrappers = ["_outer_sample", "_device_guard"]
+        expected_wrappers = ["_record_sampling", "_outer_sample", "_device_guard"]
 
-    assert outer_sample_wrappers(combined) == expected_wrappers  # both under "headroom", appended
+    assert outer_sample_wrappers(combined) == expected_wrappers  # all under "headroom"; one stage recorder
     samples, residency = sample_watching_residency(combined)
     assert samples.equal(baseline)
     assert len(residency) == 3 and max(residency) <= budget
@@ -206,6 +206,34 @@ def test_text_encoder_and_vae_keep_offload_models_after_use_policy_in_both_order
     assert "decode" not in vars(vae) and "encode_from_tokens_scheduled" not in vars(clip)
 
 
+@pytest.mark.parametrize("order", ["pick only", "offload then pick", "pick then offload"])
+def test_a_placed_clip_or_vae_dropped_while_loaded_is_not_a_memory_leak(comfy_nodes, checkpoint_and_clip, order,
+                                                                         caplog):
+    """A placed copy stays loaded after use (unless Offload Model moves it off); when ComfyUI's cache drops it,
+    ComfyUI's loaded-model list falls back to its patcher's parent, which must still be alive: the copies of
+    upstream nodes (held by the cache too), never a throwaway clone of ours."""
+    import gc
+    model, clip, vae = checkpoint_and_clip
+    upstream = []  # what ComfyUI's cache holds of the nodes before the last one
+    if order == "offload then pick":
+        upstream = offload(comfy_nodes, model, 0, clip=clip, vae=vae, policy="keep loaded")
+        clip, vae = upstream[1:3]
+    _, placed_clip, placed_vae, _ = pick(comfy_nodes, clip=clip, vae=vae)
+    if order == "pick then offload":
+        upstream = [placed_clip, placed_vae]
+        _, placed_clip, placed_vae, _ = offload(comfy_nodes, model, 0, clip=placed_clip, vae=placed_vae,
+                                                policy="keep loaded")
+    placed_clip.encode_from_tokens_scheduled(placed_clip.tokenize("a lighthouse"))
+    placed_vae.decode(torch.zeros(1, 4, 8, 8))
+    assert len(loaded_patchers()) == 2  # kept loaded: ComfyUI's usual behaviour
+    del placed_clip, placed_vae, upstream  # the last node's outputs first, as when a prompt's outputs are replaced
+    gc.collect()
+    with caplog.at_level("INFO"):
+        model_management.cleanup_models_gc()
+    assert "memory leak" not in caplog.text
+    assert not any(entry.is_dead() for entry in model_management.current_loaded_models)
+
+
 def test_pick_gpu_after_offload_model_moves_the_budgeted_model_to_the_chosen_gpu(
         comfy_nodes, loaded_checkpoint, two_gpus):
     model, _, _ = loaded_checkpoint
@@ -213,7 +241,7 @@ def test_pick_gpu_after_offload_model_moves_the_budgeted_model_to_the_chosen_gpu
     picked = pick(comfy_nodes, device="cuda:1", model=budgeted)[0]
     # Offload Model plans from the patcher's load device when the run starts: cuda:1 now
     assert (picked.load_device, picked.offload_device) == (torch.device("cuda:1"), CPU)
-    assert outer_sample_wrappers(picked) == ["_outer_sample", "_device_guard"]
+    assert outer_sample_wrappers(picked) == ["_record_sampling", "_outer_sample", "_device_guard"]
     assert (budgeted.load_device, model.load_device) == (CPU, CPU)
 
 

@@ -17,8 +17,14 @@ def tiny_checkpoint():
 
 
 @pytest.fixture(scope="session")
-def server(tiny_checkpoint):
-    comfy = ComfyServer(comfy_host.comfyui_dir(), checkpoints=[tiny_checkpoint]).start()
+def text_encoder_checkpoint(tiny_checkpoint):
+    """The tiny checkpoint with a full-size SD1.5 text encoder, for workflows that encode text."""
+    return generated_models.tiny_sd15_te_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint, text_encoder_checkpoint):
+    comfy = ComfyServer(comfy_host.comfyui_dir(), checkpoints=[tiny_checkpoint, text_encoder_checkpoint]).start()
     yield comfy
     comfy.stop()
     log = comfy.log_text()

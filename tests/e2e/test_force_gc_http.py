@@ -9,7 +9,8 @@ from example_workflows import for_checkpoint, load_api_workflow
 
 def force_gc_workflow(checkpoint_name):
     """The example workflow, small, with a probe right after Force GC that reports what is loaded."""
-    workflow = for_checkpoint(load_api_workflow("force_gc"), checkpoint_name, generated=True, steps=2, size=64)
+    workflow = for_checkpoint(load_api_workflow("force_gc"), checkpoint_name,
+                              without_text_encoder=True, steps=2, size=64)
     workflow["9"] = {"class_type": "HeadroomTestLoadedModels", "inputs": {"value": ["6", 0]}}
     workflow["7"]["inputs"]["samples"] = ["9", 0]
     return workflow
@@ -42,7 +43,8 @@ def test_force_gc_between_ksampler_and_vae_decode(server, tiny_checkpoint):
     assert saved.stat().st_size > 0
 
     # the next prompt (without Force GC) runs normally
-    plain = for_checkpoint(load_api_workflow("force_gc"), tiny_checkpoint.name, generated=True, steps=2, size=64)
+    plain = for_checkpoint(load_api_workflow("force_gc"), tiny_checkpoint.name,
+                              without_text_encoder=True, steps=2, size=64)
     plain["7"]["inputs"]["samples"] = ["5", 0]
     del plain["6"]
     plain["8"]["inputs"]["filename_prefix"] = "headroom_plain"

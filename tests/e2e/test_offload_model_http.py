@@ -6,7 +6,8 @@ from server import PromptRejected
 
 
 def offload_workflow(checkpoint_name, **offload_inputs):
-    workflow = for_checkpoint(load_api_workflow("offload_model"), checkpoint_name, generated=True, steps=2, size=64)
+    workflow = for_checkpoint(load_api_workflow("offload_model"), checkpoint_name,
+                              without_text_encoder=True, steps=2, size=64)
     workflow["2"]["inputs"].update(offload_inputs)
     return workflow
 

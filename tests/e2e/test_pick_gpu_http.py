@@ -11,7 +11,8 @@ GB = 2 ** 30
 def pick_gpu_workflow(checkpoint_name, **pick_inputs):
     """The example workflow, small. The generated checkpoint has no text encoder: CLIP comes out of the
     loader as None, passes Pick GPU as None, and the conditioning comes from the test-only node."""
-    workflow = for_checkpoint(load_api_workflow("pick_gpu"), checkpoint_name, generated=True, steps=2, size=64)
+    workflow = for_checkpoint(load_api_workflow("pick_gpu"), checkpoint_name,
+                              without_text_encoder=True, steps=2, size=64)
     workflow["2"]["inputs"].update(pick_inputs)
     return workflow
 

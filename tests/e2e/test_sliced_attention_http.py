@@ -6,8 +6,8 @@ from server import PromptRejected
 
 
 def sliced_workflow(checkpoint_name, size=64, **sliced_inputs):
-    workflow = for_checkpoint(load_api_workflow("sliced_attention"), checkpoint_name, generated=True, steps=2,
-                              size=size)
+    workflow = for_checkpoint(load_api_workflow("sliced_attention"), checkpoint_name,
+                              without_text_encoder=True, steps=2, size=size)
     workflow["2"]["inputs"].update(sliced_inputs)
     return workflow
 

@@ -5,7 +5,6 @@ import io
 import json
 import urllib.parse
 import urllib.request
-import uuid
 
 import numpy
 import pytest
@@ -32,19 +31,6 @@ def example_png() -> tuple[bytes, numpy.ndarray]:
     return buffer.getvalue(), (alpha[..., 0] == 0).astype(numpy.float32)
 
 
-def upload_image(server, name: str, data: bytes) -> None:
-    """POST /upload/image, as the frontend's upload button does (multipart form)."""
-    boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + data + (
-            f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"overwrite\"\r\n\r\ntrue\r\n"
-            f"--{boundary}--\r\n").encode()
-    request = urllib.request.Request(server.url + "/upload/image", data=body,
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        assert json.loads(response.read())["name"] == name
-
-
 def saved_image(server, image: dict) -> numpy.ndarray:
     query = urllib.parse.urlencode({"filename": image["filename"], "subfolder": image["subfolder"],
                                     "type": image["type"]})
@@ -56,8 +42,9 @@ def saved_image(server, image: dict) -> numpy.ndarray:
 def example(server, tiny_checkpoint):
     """The example workflow on the generated model with an uploaded image, plus a copy of the loaded image."""
     data, mask = example_png()
-    workflow = for_checkpoint(load_api_workflow("tiled_inpaint"), tiny_checkpoint.name, generated=True, steps=1)
-    upload_image(server, workflow["2"]["inputs"]["image"], data)
+    workflow = for_checkpoint(load_api_workflow("tiled_inpaint"), tiny_checkpoint.name, without_text_encoder=True,
+                              steps=1)
+    assert server.upload_image(workflow["2"]["inputs"]["image"], data) == workflow["2"]["inputs"]["image"]
     workflow[INPAINT_NODE]["inputs"].update(tile_size=TILE, overlap=OVERLAP)
     workflow["7"] = {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "loaded_copy"}}
     return workflow, mask

@@ -12,24 +12,40 @@ def load_api_workflow(name: str) -> dict:
     return json.loads((WORKFLOWS_DIR / f"{name}.api.json").read_text())
 
 
-def for_checkpoint(workflow: dict, checkpoint_name: str, generated: bool, steps: int | None = None,
+def for_checkpoint(workflow: dict, checkpoint_name: str, without_text_encoder: bool, steps: int | None = None,
                    size: int | None = None) -> dict:
     """Point every checkpoint loader at `checkpoint_name`.
 
-    The generated model has no text encoder, so for it each CLIPTextEncode becomes the test-only
-    HeadroomTestConditioning (seeded SD1.5-shaped conditioning). `steps`/`size` shrink the run.
+    A checkpoint without a text encoder (the tiny generated one) gets the test-only
+    HeadroomTestConditioning (seeded SD1.5-shaped conditioning) in place of each CLIPTextEncode.
+    `steps` shrinks the run; `size` sets the image side and scales what is measured in pixels with it
+    (masks, their position, the Tiled Inpaint tiles), so the example's layout stays the same.
     """
     adapted = copy.deepcopy(workflow)
+    widths = [node["inputs"]["width"] for node in adapted.values() if node["class_type"] == "EmptyLatentImage"]
+    scale = size / widths[0] if size is not None and widths else 1.0
+
+    def scaled(value: int, multiple: int = 1, least: int = 0) -> int:
+        return max(least, multiple * round(value * scale / multiple))
+
     for node_id, node in adapted.items():
-        inputs = node["inputs"]
-        if node["class_type"] == "CheckpointLoaderSimple":
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "CheckpointLoaderSimple":
             inputs["ckpt_name"] = checkpoint_name
-        elif node["class_type"] == "CLIPTextEncode" and generated:
+        elif kind == "CLIPTextEncode" and without_text_encoder:
             adapted[node_id] = {"class_type": "HeadroomTestConditioning", "inputs": {"seed": int(node_id)}}
-        elif node["class_type"] in ("KSampler", "KSamplerAdvanced", "HeadroomTiledInpaint") and steps is not None:
-            inputs["steps"] = steps
-        elif node["class_type"] == "EmptyLatentImage" and size is not None:
+        elif kind == "EmptyLatentImage" and size is not None:
             inputs["width"] = inputs["height"] = size
+        elif kind == "SolidMask":
+            inputs["width"], inputs["height"] = scaled(inputs["width"]), scaled(inputs["height"])
+        elif kind == "MaskComposite":
+            inputs["x"], inputs["y"] = scaled(inputs["x"]), scaled(inputs["y"])
+        if kind == "HeadroomTiledInpaint" and scale != 1.0:
+            inputs["tile_size"] = scaled(inputs["tile_size"], 8, 64)
+            inputs["overlap"] = scaled(inputs["overlap"], 8)
+            inputs["mask_grow"], inputs["mask_feather"] = scaled(inputs["mask_grow"]), scaled(inputs["mask_feather"])
+        if kind in ("KSampler", "KSamplerAdvanced", "HeadroomTiledInpaint") and steps is not None:
+            inputs["steps"] = steps
     return adapted
 
 

@@ -31,6 +31,7 @@ FULL_SD15_UNET = dict(
 )
 GENERATOR_VERSION = 1  # bump when the recipe changes, so cached files are regenerated
 TINY_CHECKPOINT_NAME = f"headroom-tiny-sd15-v{GENERATOR_VERSION}.safetensors"
+TINY_TE_CHECKPOINT_NAME = f"headroom-tiny-sd15-te-v{GENERATOR_VERSION}.safetensors"
 
 
 def models_dir() -> pathlib.Path:
@@ -84,6 +85,32 @@ def tiny_sd15_checkpoint() -> pathlib.Path:
         tensors.update({f"first_stage_model.{k}": v for k, v in _taesd_state_dict(seed=2).items()})
         _write_atomically(path, tensors)
     return path
+
+
+def _clip_l_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    """SD1.5's text encoder at full size (CLIP-L: 12 layers, 123 M params), as ComfyUI builds it, in fp16."""
+    import json
+    import comfy.clip_model
+    import comfy.ops
+    config = json.loads((pathlib.Path(comfy.clip_model.__file__).parent / "sd1_clip_config.json").read_text())
+    with torch.device("meta"):
+        text_model = comfy.clip_model.CLIPTextModel(config, torch.float16, None, comfy.ops.disable_weight_init)
+    return {key: value.half() for key, value in _seeded_state_dict(text_model, seed).items()}
+
+
+def tiny_sd15_te_checkpoint() -> pathlib.Path:
+    """The tiny checkpoint plus a full-size SD1.5 text encoder (+246 MB), for workflows that encode text:
+    a checkpoint's SD1.5 text encoder has a fixed shape, so a smaller one would load half-initialised."""
+    path = models_dir() / TINY_TE_CHECKPOINT_NAME
+    if not path.exists():
+        tensors = {f"model.diffusion_model.{k}": v for k, v in _unet_state_dict(TINY_SD15_UNET, seed=1).items()}
+        tensors.update({f"first_stage_model.{k}": v for k, v in _taesd_state_dict(seed=2).items()})
+        tensors.update({f"cond_stage_model.transformer.{k}": v for k, v in _clip_l_state_dict(seed=5).items()})
+        _write_atomically(path, tensors)
+    return path
+
+
+GENERATED_CHECKPOINTS = {TINY_CHECKPOINT_NAME: tiny_sd15_checkpoint, TINY_TE_CHECKPOINT_NAME: tiny_sd15_te_checkpoint}
 
 
 def full_sd15_unet() -> pathlib.Path:

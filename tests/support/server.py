@@ -124,6 +124,18 @@ class ComfyServer:
                 raise PromptRejected(json.loads(error.read())) from None
             raise
 
+    def upload_image(self, name: str, data: bytes) -> str:
+        """POST /upload/image, as the frontend's upload button does (multipart form); returns the stored name."""
+        boundary = uuid.uuid4().hex
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
+                f"Content-Type: image/png\r\n\r\n").encode() + data + (
+                f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"overwrite\"\r\n\r\ntrue\r\n"
+                f"--{boundary}--\r\n").encode()
+        request = urllib.request.Request(self.url + "/upload/image", data=body,
+                                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())["name"]
+
     def run(self, prompt: dict, timeout: float = 600) -> "PromptRun":
         """Queue a prompt, follow its websocket events to the end, and return them with its history."""
         import websocket

@@ -1,0 +1,102 @@
+"""The journal of a prompt (nested stages and their peaks), the Memory Report and its chart."""
+import json
+
+import numpy
+import pytest
+
+from comfyui_headroom.memory.budget import GB
+from comfyui_headroom.memory.chart import COLOURS, HEIGHT, WIDTH, render_chart
+from comfyui_headroom.memory.report import BudgetLine, Journal, MemoryReport
+
+ALLOCATION = 256 * 2 ** 20
+
+
+def allocate_and_touch(n_bytes: int) -> numpy.ndarray:
+    return numpy.ones(n_bytes, dtype=numpy.uint8)  # ones: every page is written, so it counts in RSS
+
+
+def test_a_nested_stage_peak_reaches_its_outer_stage_and_not_its_sibling():
+    journal = Journal("prompt-1")
+    with journal.stage("tiles", "Tiled Inpaint", "cpu"):
+        with journal.stage("sampling", "SD15", "cpu", node_id="7") as inner:
+            block = allocate_and_touch(ALLOCATION)
+            del block
+        with journal.stage("VAE decode", "TAESD", "cpu") as sibling:
+            pass
+    outer = journal.stages[0]
+    assert [stage.kind for stage in journal.stages] == ["tiles", "sampling", "VAE decode"]
+    assert [stage.depth for stage in journal.stages] == [0, 1, 1]
+    assert journal.probe.ram_peak_is_exact  # Linux: VmHWM resets through /proc/self/clear_refs
+    assert inner.peak_ram_bytes - inner.ram_after_bytes >= ALLOCATION * 0.9  # freed again before it ended
+    assert outer.peak_ram_bytes >= inner.peak_ram_bytes  # the inner reset did not lose the outer's peak
+    assert sibling.peak_ram_bytes < inner.peak_ram_bytes - ALLOCATION * 0.9  # its own reset forgot the block
+    assert inner.node_id == "7" and all(stage.outcome == "success" for stage in journal.stages)
+    assert outer.peak_vram_bytes is None  # no CUDA device
+
+
+class Interrupted(Exception):
+    """Named like ComfyUI's InterruptProcessingException."""
+
+
+ERRORS = [(MemoryError("full"), "failed: MemoryError"), (Interrupted(), "interrupted")]
+
+
+@pytest.mark.parametrize("error, outcome", ERRORS)
+def test_a_stage_that_raises_records_why_closes_and_lets_the_error_through(error, outcome):
+    journal = Journal()
+    with pytest.raises(type(error)):
+        with journal.stage("sampling", "SD15", "cpu"):
+            raise error
+    assert journal.stages[0].outcome == outcome and journal.stages[0].seconds >= 0
+    with journal.stage("GC", "Force GC", "cpu") as after:
+        pass
+    assert after.depth == 0  # the failed stage did not stay open
+
+
+def test_the_report_copies_the_stages_and_says_what_it_holds_in_json_and_words():
+    journal = Journal("p")
+    with journal.stage("sampling", "SD15", "cpu") as stage:
+        stage.planned_ram_bytes, stage.rungs = 3 * GB, ["halve resident weights to 0.50 GB"]
+    journal.set_budget(BudgetLine("cpu", 2 * GB, "budget_gb: resident weights <= 2.00 GB"))
+    report = MemoryReport.of(journal)
+    stage.kind = "changed later"
+    data = json.loads(report.to_json())
+    assert [s["kind"] for s in data["stages"]] == ["sampling"]
+    assert data["budgets"] == [{"device": "cpu", "bytes": 2 * GB, "label": "budget_gb: resident weights <= 2.00 GB"}]
+    assert data["peak_ram_bytes"] == report.stages[0].peak_ram_bytes > 0 and data["peak_vram_bytes"] is None
+    text = report.describe().splitlines()
+    assert text[0].startswith("Memory Report: 1 stages, peak VRAM n/a")
+    assert text[1] == "budget on cpu: budget_gb: resident weights <= 2.00 GB (2.00 GB)"
+    assert text[2].startswith("sampling: SD15 on cpu success") and "planned[ram<=3.00 GB]" in text[2]
+    assert "oom_rungs=[halve resident weights to 0.50 GB]" in text[2]
+    assert MemoryReport.of(Journal()).describe().startswith("Memory Report: no Headroom stage has run")
+
+
+def pixels_of(image, colour) -> numpy.ndarray:
+    return numpy.argwhere((numpy.asarray(image) == colour).all(axis=-1))
+
+
+def test_the_chart_draws_a_bar_per_stage_and_the_budget_as_a_line_at_its_height():
+    journal = Journal("abcdef0123")
+    for kind in ("text encode", "sampling", "VAE decode"):
+        with journal.stage(kind, "m", "cpu"):
+            pass
+    journal.stages[1].peak_ram_bytes = 4 * GB  # the tallest: the axis runs to ~4.4 GB -> ticks of 1 GB up to 5
+    journal.set_budget(BudgetLine("cpu", 2 * GB, "budget"))
+    image = render_chart(MemoryReport.of(journal))
+    assert image.size == (WIDTH, HEIGHT) and image.mode == "RGB"
+    ram = pixels_of(image, COLOURS["ram"])
+    bar_columns = numpy.unique(ram[ram[:, 0] > 80][:, 1])  # below the legend
+    runs = numpy.split(bar_columns, numpy.where(numpy.diff(bar_columns) > 1)[0] + 1)
+    assert len(runs) == 3  # one RAM bar per stage
+    budget_rows = numpy.unique(pixels_of(image, COLOURS["budget"])[:, 0])
+    plot_bottom, plot_top = HEIGHT - 70, 64
+    expected = plot_bottom - (plot_bottom - plot_top) * 2 / 5
+    assert any(abs(row - expected) <= 2 for row in budget_rows)
+    sampling_top = ram[(ram[:, 1] >= runs[1][0]) & (ram[:, 1] <= runs[1][-1])][:, 0].min()
+    assert abs(sampling_top - (plot_bottom - (plot_bottom - plot_top) * 4 / 5)) <= 2
+
+
+def test_an_empty_report_still_renders_a_chart_that_says_so():
+    image = render_chart(MemoryReport.of(Journal()))
+    assert image.size == (WIDTH, HEIGHT) and len(pixels_of(image, COLOURS["ram"])) > 0  # the legend only
