@@ -82,7 +82,9 @@ class Stage:
     resident_bytes: int | None = None  # the most model weight bytes seen on the device
     peak_vram_bytes: int | None = None  # torch's allocated peak on the stage's CUDA device; None elsewhere
     peak_ram_bytes: int = 0  # the process's peak RSS during the stage
-    vram_after_bytes: int | None = None  # torch-allocated on the stage's CUDA device when it ended
+    vram_before_bytes: int | None = None  # torch-allocated on the stage's CUDA device when it started
+    vram_after_bytes: int | None = None  # ... when it ended
+    ram_before_bytes: int = 0  # the process's RSS when the stage started: peak - before = what the stage added
     ram_after_bytes: int = 0  # the process's RSS when it ended (what a GC gave back shows here)
     seconds: float = 0.0
     rungs: list[str] = dataclasses.field(default_factory=list)  # out-of-memory ladder rungs used
@@ -92,9 +94,11 @@ class Stage:
     def line(self) -> str:
         planned = " ".join(f"{label}<={gb(value)}" for label, value in
                            (("vram", self.planned_vram_bytes), ("ram", self.planned_ram_bytes)) if value is not None)
-        measured = [f"peak_ram={gb(self.peak_ram_bytes)}", f"ram_after={gb(self.ram_after_bytes)}"]
+        measured = [f"peak_ram={gb(self.peak_ram_bytes)}(+{gb(self.peak_ram_bytes - self.ram_before_bytes)})",
+                    f"ram_after={gb(self.ram_after_bytes)}"]
         if self.peak_vram_bytes is not None:
-            measured[:0] = [f"peak_vram={gb(self.peak_vram_bytes)}", f"vram_after={gb(self.vram_after_bytes)}"]
+            added = gb(self.peak_vram_bytes - self.vram_before_bytes)
+            measured[:0] = [f"peak_vram={gb(self.peak_vram_bytes)}(+{added})", f"vram_after={gb(self.vram_after_bytes)}"]
         if self.resident_bytes is not None:
             measured.append(f"resident={gb(self.resident_bytes)}")
         node = f" node={self.node_id}" if self.node_id is not None else ""
@@ -126,7 +130,10 @@ class Journal:
     @contextlib.contextmanager
     def stage(self, kind: str, name: str, device: str, node_id: str | None = None):
         """Measure the block as one stage; yields the Stage for the caller to add its plan to."""
-        record = Stage(kind=kind, name=name, device=str(device), node_id=node_id, depth=len(self._open_peaks))
+        record = Stage(kind=kind, name=name, device=str(device), node_id=node_id, depth=len(self._open_peaks),
+                       ram_before_bytes=psutil.Process().memory_info().rss)
+        if record.device in _cuda_devices():
+            record.vram_before_bytes = int(torch.cuda.memory_allocated(record.device))
         seen_so_far = self.probe.read()
         for outer in self._open_peaks:
             _fold(outer, seen_so_far)
@@ -150,6 +157,8 @@ class Journal:
                 _fold(outer, peaks)
             record.peak_ram_bytes = peaks[RAM]
             record.peak_vram_bytes = peaks.get(record.device) if record.device.startswith("cuda") else None
+            if record.peak_vram_bytes is not None and record.vram_before_bytes is None:
+                record.vram_before_bytes = 0  # the stage was the first to use CUDA in this process
             record.ram_after_bytes = psutil.Process().memory_info().rss
             if record.peak_vram_bytes is not None:
                 record.vram_after_bytes = int(torch.cuda.memory_allocated(record.device))

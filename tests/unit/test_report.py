@@ -28,6 +28,8 @@ def test_a_nested_stage_peak_reaches_its_outer_stage_and_not_its_sibling():
     assert [stage.depth for stage in journal.stages] == [0, 1, 1]
     assert journal.probe.ram_peak_is_exact  # Linux: VmHWM resets through /proc/self/clear_refs
     assert inner.peak_ram_bytes - inner.ram_after_bytes >= ALLOCATION * 0.9  # freed again before it ended
+    assert inner.peak_ram_bytes - inner.ram_before_bytes >= ALLOCATION * 0.9  # what the stage added
+    assert f"peak_ram={inner.peak_ram_bytes / GB:.2f} GB(+0.2" in inner.line()  # +0.25 GB, give or take pages
     assert outer.peak_ram_bytes >= inner.peak_ram_bytes  # the inner reset did not lose the outer's peak
     assert sibling.peak_ram_bytes < inner.peak_ram_bytes - ALLOCATION * 0.9  # its own reset forgot the block
     assert inner.node_id == "7" and all(stage.outcome == "success" for stage in journal.stages)
@@ -100,3 +102,18 @@ def test_the_chart_draws_a_bar_per_stage_and_the_budget_as_a_line_at_its_height(
 def test_an_empty_report_still_renders_a_chart_that_says_so():
     image = render_chart(MemoryReport.of(Journal()))
     assert image.size == (WIDTH, HEIGHT) and len(pixels_of(image, COLOURS["ram"])) > 0  # the legend only
+
+
+def test_a_budget_far_above_every_bar_is_named_not_drawn_so_the_bars_keep_their_scale():
+    journal = Journal()
+    with journal.stage("sampling", "m", "cpu"):
+        pass
+    journal.stages[0].peak_ram_bytes = GB
+    journal.set_budget(BudgetLine("cpu", 22 * GB, "keep_free_gb"))
+    image = render_chart(MemoryReport.of(journal))
+    budget = pixels_of(image, COLOURS["budget"])
+    assert len(budget) and budget[:, 0].max() < 100  # only the legend and the label near the top, no line
+    ram = pixels_of(image, COLOURS["ram"])
+    plot_bottom, plot_top = HEIGHT - 70, 64
+    bar_top = ram[ram[:, 0] > 80][:, 0].min()
+    assert bar_top < plot_bottom - (plot_bottom - plot_top) * 0.5  # 1 GB on an axis to ~1.1 GB, not to 22 GB
