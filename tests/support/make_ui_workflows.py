@@ -2,7 +2,8 @@
 
     cd tests/support && HEADROOM_COMFYUI_DIR=<checkout> PYTHONPATH=. <host python> make_ui_workflows.py NAME...
 
-A maintenance tool: tests/e2e/test_workflows.py checks that the committed pairs agree.
+A maintenance tool: tests/e2e/test_workflows.py checks that the committed pairs agree. Where the UI file
+exists, its layout (node positions and sizes, the saved view) is kept; new nodes are laid out in columns.
 """
 import json
 import sys
@@ -19,5 +20,13 @@ if __name__ == "__main__":
         server.cleanup()
     for name in sys.argv[1:]:
         ui = api_to_ui(load_api_workflow(name), object_info)
-        (WORKFLOWS_DIR / f"{name}.json").write_text(json.dumps(ui, indent=1) + "\n")
+        path = WORKFLOWS_DIR / f"{name}.json"
+        if path.exists():
+            before = json.loads(path.read_text())
+            laid_out = {node["id"]: node for node in before["nodes"]}
+            for node in ui["nodes"]:
+                if node["id"] in laid_out:
+                    node["pos"], node["size"] = laid_out[node["id"]]["pos"], laid_out[node["id"]]["size"]
+            ui["extra"] = before.get("extra", ui["extra"])
+        path.write_text(json.dumps(ui, indent=1) + "\n")
         print(f"wrote {WORKFLOWS_DIR / f'{name}.json'}")
