@@ -27,19 +27,7 @@ sys.path.insert(0, str(REPO_ROOT / "tests" / "support"))
 MIB = 2 ** 20
 
 
-def settled_rss(process) -> int:
-    previous = process.memory_info().rss
-    for _ in range(15):
-        time.sleep(0.2)
-        current = process.memory_info().rss
-        if abs(current - previous) < MIB:
-            return current
-        previous = current
-    return previous
-
-
 def main(prompts: int, stages: int) -> None:
-    import psutil
     import comfy_host
     import generated_models
     from example_workflows import for_checkpoint, load_api_workflow
@@ -79,7 +67,6 @@ def main(prompts: int, stages: int) -> None:
     server = ComfyServer(comfy_host.comfyui_dir(), checkpoints=[checkpoint], with_test_nodes=False).start()
     rows = []
     try:
-        process = psutil.Process(server.process.pid)
         for seed in range(prompts):
             workflow = for_checkpoint(load_api_workflow("big_model_small_gpu"), checkpoint.name,
                                       without_text_encoder=False, steps=4, size=256)
@@ -89,7 +76,7 @@ def main(prompts: int, stages: int) -> None:
             seconds = time.perf_counter() - started
             assert run.succeeded, run.error()
             (report,) = run.outputs("15")["headroom_report"]
-            rows.append((settled_rss(process), report["peak_ram_bytes"], len(report["stages"]), seconds))
+            rows.append((server.settled_rss(), report["peak_ram_bytes"], len(report["stages"]), seconds))
         leak_warnings = server.log_text().count("Potential memory leak")
     finally:
         server.cleanup()

@@ -5,11 +5,9 @@ UI shows and SaveImage saves; a failed prompt's stages say so and the next promp
 in a row keep the server's RAM flat."""
 import io
 import json
-import time
 import urllib.parse
 import urllib.request
 
-import psutil
 import pytest
 from PIL import Image
 
@@ -104,26 +102,12 @@ def test_a_failed_prompt_records_the_failure_and_the_next_prompt_starts_clean(se
     assert [(stage["kind"], stage["node_type"], stage["depth"]) for stage in report["stages"]] == EXPECTED_STAGES
 
 
-def settled_rss(process: psutil.Process) -> int:
-    """The server's RSS once it has settled after a prompt (two readings 0.2 s apart within 1 MiB, at most 3 s):
-    its worker thread is still finishing up when the last websocket event arrives."""
-    previous = process.memory_info().rss
-    for _ in range(15):
-        time.sleep(0.2)
-        current = process.memory_info().rss
-        if abs(current - previous) < 2**20:
-            return current
-        previous = current
-    return previous
-
-
 def test_twenty_prompts_in_a_row_succeed_and_keep_ram_flat(server, text_encoder_checkpoint):
-    process = psutil.Process(server.process.pid)
     rss = []
     for seed in range(100, 120):
         run = server.run(combined(text_encoder_checkpoint.name, seed=seed))
         assert run.succeeded, (seed, run.error())
-        rss.append(settled_rss(process))
+        rss.append(server.settled_rss())
     growth = (rss[-1] - rss[1]) / rss[1]
     print(f"RSS after run 2: {rss[1] / 2**20:.1f} MiB, after run 20: {rss[-1] / 2**20:.1f} MiB ({growth:+.2%}); "
           f"all: {[round(value / 2**20) for value in rss]}")

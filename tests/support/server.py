@@ -97,6 +97,20 @@ class ComfyServer:
         self.stop()
         shutil.rmtree(self.base_dir, ignore_errors=True)
 
+    def settled_rss(self) -> int:
+        """The server's RSS once it has settled after a prompt (two readings 0.2 s apart within 1 MiB, at most
+        3 s): its worker thread is still finishing up when the last websocket event arrives."""
+        import psutil
+        process = psutil.Process(self.process.pid)
+        previous = process.memory_info().rss
+        for _ in range(15):
+            time.sleep(0.2)
+            current = process.memory_info().rss
+            if abs(current - previous) < 2 ** 20:
+                return current
+            previous = current
+        return previous
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
