@@ -335,7 +335,8 @@ def place_clip(clip, device: str):
 
 
 def place_vae(vae, device: str):
-    """A copy of a VAE that loads on `device`: its patcher (a clone) and vae.device, which encode/decode move inputs to."""
+    """A copy of a VAE that loads on `device`: its patcher (a clone) and vae.device, which encode/decode move
+    inputs to."""
     import torch
     target = torch.device(device)
     _refuse_dynamic_move(vae.patcher, target)

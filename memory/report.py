@@ -18,7 +18,7 @@ import time
 import psutil
 import torch
 
-from .budget import GB, gb
+from .budget import gb
 
 RAM = "ram"  # the probe's key for the process's RAM; CUDA devices are keyed by name ("cuda:0")
 
@@ -63,6 +63,14 @@ def _ram_peak_bytes() -> int:
     return int(match.group(1)) * 1024 if match else 0
 
 
+def _device_name(device) -> str:
+    """"cuda" alone means the current CUDA device: name it by index, as the probe keys its peaks."""
+    name = str(device)
+    if name == "cuda" and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}"
+    return name
+
+
 def _fold(peaks: dict[str, int], more: dict[str, int]) -> None:
     for key, value in more.items():
         peaks[key] = max(peaks.get(key, 0), value)
@@ -98,7 +106,8 @@ class Stage:
                     f"ram_after={gb(self.ram_after_bytes)}"]
         if self.peak_vram_bytes is not None:
             added = gb(self.peak_vram_bytes - self.vram_before_bytes)
-            measured[:0] = [f"peak_vram={gb(self.peak_vram_bytes)}(+{added})", f"vram_after={gb(self.vram_after_bytes)}"]
+            measured[:0] = [f"peak_vram={gb(self.peak_vram_bytes)}(+{added})",
+                            f"vram_after={gb(self.vram_after_bytes)}"]
         if self.resident_bytes is not None:
             measured.append(f"resident={gb(self.resident_bytes)}")
         node = f" node={self.node_id}" if self.node_id is not None else ""
@@ -130,7 +139,7 @@ class Journal:
     @contextlib.contextmanager
     def stage(self, kind: str, name: str, device: str, node_id: str | None = None):
         """Measure the block as one stage; yields the Stage for the caller to add its plan to."""
-        record = Stage(kind=kind, name=name, device=str(device), node_id=node_id, depth=len(self._open_peaks),
+        record = Stage(kind=kind, name=name, device=_device_name(device), node_id=node_id, depth=len(self._open_peaks),
                        ram_before_bytes=psutil.Process().memory_info().rss)
         if record.device in _cuda_devices():
             record.vram_before_bytes = int(torch.cuda.memory_allocated(record.device))
