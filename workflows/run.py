@@ -45,15 +45,14 @@ def inside(args) -> int:
     import comfy_host
     import generated_models
     from server import ComfyServer
-    from example_workflows import for_checkpoint, load_api_workflow
+    from example_workflows import checkpoint_name, for_checkpoint, load_api_workflow
 
     workflow = load_api_workflow(args.workflow)
     if args.checkpoint is None:
         comfy_host.import_comfyui()  # the generator takes the module shapes from ComfyUI itself
-        (named,) = {node["inputs"]["ckpt_name"] for node in workflow.values()
-                    if node["class_type"] == "CheckpointLoaderSimple"}
+        named = checkpoint_name(workflow)
         checkpoint = generated_models.GENERATED_CHECKPOINTS[named]()
-        without_text_encoder = named == generated_models.TINY_CHECKPOINT_NAME
+        without_text_encoder = generated_models.lacks_text_encoder(named)
         steps, size = args.steps or 4, args.size or 256
     else:
         checkpoint, without_text_encoder = args.checkpoint.resolve(), False

@@ -8,7 +8,14 @@ import pytest
 from PIL import Image
 
 import generated_models
-from example_workflows import WORKFLOWS_DIR, for_checkpoint, load_api_workflow, load_ui_workflow, ui_to_api
+from example_workflows import (
+    WORKFLOWS_DIR,
+    checkpoint_name,
+    for_checkpoint,
+    load_api_workflow,
+    load_ui_workflow,
+    ui_to_api,
+)
 
 NAMES = sorted(path.name[:-len(".api.json")] for path in WORKFLOWS_DIR.glob("*.api.json"))
 
@@ -38,11 +45,9 @@ def example_input_png() -> bytes:
 @pytest.mark.parametrize("name", NAMES)
 def test_every_api_workflow_runs_on_the_generated_model(server, name):
     workflow = load_api_workflow(name)
-    (checkpoint_name,) = {node["inputs"]["ckpt_name"] for node in workflow.values()
-                          if node["class_type"] == "CheckpointLoaderSimple"}
-    assert checkpoint_name in generated_models.GENERATED_CHECKPOINTS  # runs out of the box on the main job
-    workflow = for_checkpoint(workflow, checkpoint_name,
-                              without_text_encoder=checkpoint_name == generated_models.TINY_CHECKPOINT_NAME,
+    named = checkpoint_name(workflow)
+    assert named in generated_models.GENERATED_CHECKPOINTS  # runs out of the box on the main job
+    workflow = for_checkpoint(workflow, named, without_text_encoder=generated_models.lacks_text_encoder(named),
                               steps=2, size=128)
     for node in workflow.values():
         if node["class_type"] == "LoadImage":

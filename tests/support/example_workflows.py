@@ -12,6 +12,13 @@ def load_api_workflow(name: str) -> dict:
     return json.loads((WORKFLOWS_DIR / f"{name}.api.json").read_text())
 
 
+def checkpoint_name(workflow: dict) -> str:
+    """The one checkpoint an API-format workflow loads."""
+    (name,) = {node["inputs"]["ckpt_name"] for node in workflow.values()
+               if node["class_type"] == "CheckpointLoaderSimple"}
+    return name
+
+
 def for_checkpoint(workflow: dict, checkpoint_name: str, without_text_encoder: bool, steps: int | None = None,
                    size: int | None = None) -> dict:
     """Point every checkpoint loader at `checkpoint_name`.

@@ -113,6 +113,11 @@ def tiny_sd15_te_checkpoint() -> pathlib.Path:
 GENERATED_CHECKPOINTS = {TINY_CHECKPOINT_NAME: tiny_sd15_checkpoint, TINY_TE_CHECKPOINT_NAME: tiny_sd15_te_checkpoint}
 
 
+def lacks_text_encoder(checkpoint_name: str) -> bool:
+    """Whether a generated checkpoint has no text encoder (workflows on it need conditioning built without CLIP)."""
+    return checkpoint_name == TINY_CHECKPOINT_NAME
+
+
 def full_sd15_unet() -> pathlib.Path:
     path = models_dir() / f"headroom-full-sd15-unet-v{GENERATOR_VERSION}.safetensors"
     if not path.exists():
