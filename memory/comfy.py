@@ -252,20 +252,23 @@ def executing_node() -> tuple[str | None, str | None]:
 
 def prompt_journal():
     """The Journal of the prompt that is running (outside a prompt: one shared journal)."""
-    from .report import Journal
-    prompt_id, _ = executing_node()
-    journal = _journals.get(prompt_id)
-    if journal is None:
-        journal = _journals[prompt_id] = Journal(prompt_id)
-        while len(_journals) > _JOURNALS_KEPT:
-            del _journals[next(iter(_journals))]  # the oldest prompt's
-    return journal
+    return _journal_of(executing_node()[0])
 
 
 def stage(kind: str, name: str, device):
     """Measure a block as a stage of the running prompt's journal, tagged with the running node."""
-    _, node_id = executing_node()
-    return prompt_journal().stage(kind, name, str(device), node_id)
+    prompt_id, node_id = executing_node()
+    return _journal_of(prompt_id).stage(kind, name, str(device), node_id)
+
+
+def _journal_of(prompt_id: str | None):
+    from .report import Journal
+    journal = _journals.get(prompt_id)
+    if journal is None:
+        journal = _journals[prompt_id] = Journal(prompt_id, is_interrupt=is_interrupt)
+        while len(_journals) > _JOURNALS_KEPT:
+            del _journals[next(iter(_journals))]  # the oldest prompt's
+    return journal
 
 
 # --- Sliced Attention

@@ -129,9 +129,11 @@ class BudgetLine:
 class Journal:
     """The stages of one prompt, in the order they started."""
 
-    def __init__(self, prompt_id: str | None = None, probe: PeakProbe | None = None):
+    def __init__(self, prompt_id: str | None = None, probe: PeakProbe | None = None,
+                 is_interrupt=lambda error: False):
         self.prompt_id = prompt_id
         self.probe = probe or PeakProbe()
+        self.is_interrupt = is_interrupt  # the host's interrupt error (a user's Cancel), told from a failure
         self.stages: list[Stage] = []
         self.budgets: dict[str, BudgetLine] = {}  # by device: the latest limit set there
         self._open_peaks: list[dict[str, int]] = []  # the peaks each open stage has seen, outermost first
@@ -155,7 +157,7 @@ class Journal:
             yield record
             record.outcome = "success"
         except BaseException as error:
-            interrupted = isinstance(error, KeyboardInterrupt) or "Interrupt" in type(error).__name__
+            interrupted = isinstance(error, KeyboardInterrupt) or self.is_interrupt(error)
             record.outcome = "interrupted" if interrupted else f"failed: {type(error).__name__}"
             raise
         finally:

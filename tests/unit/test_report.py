@@ -37,15 +37,16 @@ def test_a_nested_stage_peak_reaches_its_outer_stage_and_not_its_sibling():
 
 
 class Interrupted(Exception):
-    """Named like ComfyUI's InterruptProcessingException."""
+    """Stands for the host's interrupt error (ComfyUI's InterruptProcessingException)."""
 
 
-ERRORS = [(MemoryError("full"), "failed: MemoryError"), (Interrupted(), "interrupted")]
+ERRORS = [(MemoryError("full"), "failed: MemoryError"), (Interrupted(), "interrupted"),
+          (KeyboardInterrupt(), "interrupted")]
 
 
 @pytest.mark.parametrize("error, outcome", ERRORS)
 def test_a_stage_that_raises_records_why_closes_and_lets_the_error_through(error, outcome):
-    journal = Journal()
+    journal = Journal(is_interrupt=lambda raised: isinstance(raised, Interrupted))
     with pytest.raises(type(error)):
         with journal.stage("sampling", "SD15", "cpu"):
             raise error
