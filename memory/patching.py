@@ -48,12 +48,12 @@ class RunState:
     step_in_attempt: int = 0
 
 
-def apply_budget(model, budget: Budget, records: RecordLog | None = None):
+def apply_budget(model, budget: Budget):
     """A clone of `model` whose sampling runs under `budget`; `model` itself is left untouched."""
     clone = add_stage_recorder(model.clone())  # first: the stage wraps the whole run, retries included
     options = clone.model_options.setdefault("transformer_options", {})
     headroom = dict(options.get(HEADROOM, {}))  # a copy: never share a dict with the incoming model
-    headroom["offload"] = OffloadSettings(budget=budget, records=records or RecordLog())
+    headroom["offload"] = OffloadSettings(budget=budget, records=RecordLog())
     options[HEADROOM] = headroom
     comfy.add_wrappers(clone,
                        {"OUTER_SAMPLE": _outer_sample, "PREPARE_SAMPLING": _prepare_sampling,
