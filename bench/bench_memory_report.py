@@ -100,9 +100,11 @@ if __name__ == "__main__":
     arguments = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     arguments.add_argument("--prompts", type=int, default=20)
     arguments.add_argument("--stages", type=int, default=2000)
+    arguments.add_argument("--host", default="newest",
+                           help="the pinned ComfyUI to run on (tests/hosts.toml): newest (default) or a name such as v0.12.1")
     arguments.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     parsed = arguments.parse_args()
     if not parsed.inside:
-        from hosts import exec_in_newest_host
-        exec_in_newest_host(pathlib.Path(__file__), ["--inside", *sys.argv[1:]])
+        from hosts import exec_in_host
+        exec_in_host(pathlib.Path(__file__), ["--inside", *sys.argv[1:]], parsed.host)
     main(parsed.prompts, parsed.stages)

@@ -198,12 +198,14 @@ if __name__ == "__main__":
     arguments.add_argument("--repeats", type=int, default=3)
     arguments.add_argument("--max-gb", type=float, default=12.0)
     arguments.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    arguments.add_argument("--host", default="newest",
+                           help="the pinned ComfyUI to run on (tests/hosts.toml): newest (default) or a name such as v0.12.1")
     arguments.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     arguments.add_argument("--child", nargs=2, metavar=("KERNEL", "TOKENS"), help=argparse.SUPPRESS)
     parsed = arguments.parse_args()
     if not parsed.inside:
-        from hosts import exec_in_newest_host
-        exec_in_newest_host(pathlib.Path(__file__), ["--inside", *sys.argv[1:]])
+        from hosts import exec_in_host
+        exec_in_host(pathlib.Path(__file__), ["--inside", *sys.argv[1:]], parsed.host)
     if parsed.child:
         print(json.dumps(measure_memory_here(parsed.child[0], int(parsed.child[1]), parsed.target_mb * MB,
                                              parsed.device)))

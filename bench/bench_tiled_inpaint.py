@@ -183,12 +183,14 @@ if __name__ == "__main__":
     arguments.add_argument("--processes", type=int, default=3)
     arguments.add_argument("--repeats", type=int, default=2)
     arguments.add_argument("--steps", type=int, default=2)
+    arguments.add_argument("--host", default="newest",
+                           help="the pinned ComfyUI to run on (tests/hosts.toml): newest (default) or a name such as v0.12.1")
     arguments.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     arguments.add_argument("--child", help=argparse.SUPPRESS)
     parsed = arguments.parse_args()
     if not parsed.inside:
-        from hosts import exec_in_newest_host
-        exec_in_newest_host(pathlib.Path(__file__), ["--inside", *sys.argv[1:]])
+        from hosts import exec_in_host
+        exec_in_host(pathlib.Path(__file__), ["--inside", *sys.argv[1:]], parsed.host)
     if parsed.child:
         side, cells, doubles = json.loads(parsed.child)
         print(json.dumps(inside_child(side, cells, parsed.repeats, parsed.steps, doubles)))

@@ -37,6 +37,8 @@ def parse_args(argv):
     parser.add_argument("--gpu", action="store_true", help="let ComfyUI use the GPU (default: --cpu)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("headroom-output"),
                         help="folder for the images, the chart and the report (default: ./headroom-output)")
+    parser.add_argument("--host", default="newest",
+                        help="the pinned ComfyUI to run on (tests/hosts.toml): newest (default) or a name such as v0.12.1")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -95,6 +97,6 @@ def inside(args) -> int:
 if __name__ == "__main__":
     arguments = parse_args(sys.argv[1:])
     if not arguments.inside:
-        from hosts import exec_in_newest_host
-        exec_in_newest_host(pathlib.Path(__file__), ["--inside", *sys.argv[1:]])
+        from hosts import exec_in_host
+        exec_in_host(pathlib.Path(__file__), ["--inside", *sys.argv[1:]], arguments.host)
     sys.exit(inside(arguments))

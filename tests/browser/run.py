@@ -38,10 +38,6 @@ sys.path[:0] = [str(BROWSER_DIR), str(REPO_ROOT / "tests" / "support")]
 
 from cdp import CHROMIUM, Browser, BrowserError  # noqa: E402
 
-# The suite's host environments skip spandrel, so ComfyUI lacks UpscaleModelLoader; the frontend
-# of v0.3.64 (1.27.10) then fails to build any checkpoint loader's widgets (its model-to-node map
-# assumes that node exists). A real ComfyUI install has it: the check adds it to the server's path.
-SERVER_EXTRAS = ["spandrel==0.4.2"]
 RUN_TIMEOUT_S = 900
 
 
@@ -233,36 +229,20 @@ def inside(args) -> int:
 
 # -- on the machine's python3 ---------------------------------------------------------------------
 
-def ensure_server_extras(python: pathlib.Path) -> pathlib.Path:
-    import hosts
-    folder = hosts.cache_root() / "envs" / "browser-extras"
-    stamp = folder / ".headroom-ready"
-    if not (stamp.exists() and stamp.read_text() == " ".join(SERVER_EXTRAS)):
-        # no dependencies: torch, numpy, einops, safetensors come from the host environment
-        hosts._pip(python, "--no-deps", "--upgrade", "--target", str(folder), *SERVER_EXTRAS)
-        stamp.write_text(" ".join(SERVER_EXTRAS))
-    return folder
-
-
 def main(args) -> int:
     import hosts
     if not pathlib.Path(CHROMIUM).exists():
         print(f"[browser] {CHROMIUM} not found: sudo apt-get install chromium", file=sys.stderr)
         return 1
     try:
-        prepared = hosts.prepare_hosts(newest_only=args.host == "newest")
-        if args.host not in ("newest", "all"):
-            prepared = [ready for ready in prepared if ready.host.name == args.host]
-            if not prepared:
-                raise hosts.HostError(f"no host named {args.host} in {hosts.PINS_FILE}")
-        extras = ensure_server_extras(prepared[0].python)
+        prepared = hosts.prepare_hosts(args.host)
     except hosts.HostError as error:
         print(f"[browser] {error}", file=sys.stderr)
         return 1
     results = {}
     for ready in prepared:
         print(f"[browser] ComfyUI {ready.host.name} at {ready.comfyui_dir}", flush=True)
-        env = {**os.environ, "HEADROOM_COMFYUI_DIR": str(ready.comfyui_dir), "PYTHONPATH": str(extras)}
+        env = {**os.environ, "HEADROOM_COMFYUI_DIR": str(ready.comfyui_dir)}
         command = [str(ready.python), "-P", __file__, "--inside", "--workflow", str(workflow_path(args.workflow)),
                    "--out", str(args.out / ready.host.name)]
         results[ready.host.name] = subprocess.run(command, env=env).returncode

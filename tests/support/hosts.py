@@ -4,9 +4,10 @@ Everything is cached outside the repository, under ${XDG_CACHE_HOME:-~/.cache}/c
   checkouts/<commit>/   the files of a pinned commit (a blob missing from a snapshot is skipped
                         and listed in .headroom-missing)
   git/                  a bare repository that remote sources are fetched into
-  envs/torch/           torch + torchvision, installed once and shared
+  envs/torch-<version>/ torch + torchvision (+ torchaudio where a host needs it), installed once per
+                        torch version and shared by the hosts pinned to it
   envs/<host>-<commit>/ one virtual environment per host (their frontend packages differ), which
-                        sees envs/torch through a .pth file
+                        sees its torch environment through a .pth file
 
 Only the standard library is used here: this module runs before any environment exists.
 """
@@ -24,14 +25,15 @@ import tomllib
 TESTS_DIR = pathlib.Path(__file__).resolve().parents[1]
 REPO_ROOT = TESTS_DIR.parent
 PINS_FILE = TESTS_DIR / "hosts.toml"
-CONSTRAINTS_FILE = TESTS_DIR / "constraints.txt"
 PACK_REQUIREMENTS = REPO_ROOT / "requirements.txt"
 TEST_TOOLS = ["pytest", "websocket-client"]
 # v0.3.64's server imports requests without listing it in its requirements.
 HOST_RUNTIME_EXTRAS = ["requests"]
-TORCH_PINS = ["torch==2.13.0", "torchvision==0.28.0"]
-# ComfyUI's optional extras that would pull in another torch and several GB; the suite needs neither.
-SKIPPED_REQUIREMENTS = {"torch", "torchvision", "torchaudio", "spandrel", "kornia"}
+# Installed from the host's own torch environment (hosts.toml `torch`), never from its requirements.
+TORCH_PACKAGES = {"torch", "torchvision", "torchaudio"}
+# ComfyUI's optional extras: installed only where hosts.toml lists them for a host (`optional`), under
+# its constraints, so they can never pull in another torch.
+OPTIONAL_REQUIREMENTS = {"spandrel", "kornia", "pyopengl", "comfy-angle"}
 PYTHON_VERSION = (3, 11)
 SYSTEM_CA_BUNDLE = pathlib.Path("/etc/ssl/certs/ca-certificates.crt")
 HOW_TO_PROVIDE = (
@@ -50,6 +52,13 @@ class HostError(RuntimeError):
 class Host:
     name: str
     commit: str  # full sha; "" for a COMFYUI_DIR checkout of unknown commit
+    torch: tuple[str, ...] = ()  # pins of torch, torchvision (and torchaudio) for this host
+    constraints: pathlib.Path | None = None  # the versions of everything else its environment gets
+    optional: tuple[str, ...] = ()  # ComfyUI's optional requirements installed for it (kornia, spandrel)
+
+    @property
+    def torch_version(self) -> str:
+        return next(pin.split("==", 1)[1] for pin in self.torch if pin.startswith("torch=="))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +76,13 @@ def cache_root() -> pathlib.Path:
 
 def pinned_hosts() -> tuple[list[Host], str]:
     pins = tomllib.loads(PINS_FILE.read_text())
-    return [Host(h["name"], h["commit"]) for h in pins["host"]], pins["default_source"]
+    hosts = [Host(h["name"], h["commit"], tuple(h["torch"]), TESTS_DIR / h["constraints"], tuple(h.get("optional", ())))
+             for h in pins["host"]]
+    return hosts, pins["default_source"]
+
+
+def newest_pinned_host() -> Host:
+    return pinned_hosts()[0][-1]  # hosts.toml lists them oldest first
 
 
 def git_sources(default_source: str) -> list[str]:
@@ -205,6 +220,12 @@ def _fingerprint(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
+def _pins_of(constraints: pathlib.Path) -> str:
+    """The constraints file without its comments: what an environment is built from."""
+    lines = (line.split("#", 1)[0].strip() for line in constraints.read_text().splitlines())
+    return "\n".join(line for line in lines if line)
+
+
 def _ready(env_dir: pathlib.Path, fingerprint: str) -> bool:
     stamp = env_dir / ".headroom-ready"
     return stamp.exists() and stamp.read_text() == fingerprint
@@ -218,23 +239,25 @@ def _python_of(env_dir: pathlib.Path) -> pathlib.Path:
     return env_dir / "bin" / "python"
 
 
-def ensure_torch_env() -> pathlib.Path:
-    env_dir = cache_root() / "envs" / "torch"
-    fingerprint = _fingerprint(*TORCH_PINS, CONSTRAINTS_FILE.read_text())
+def ensure_torch_env(host: Host) -> pathlib.Path:
+    """The environment holding the host's torch packages, shared by every host pinned to the same ones."""
+    env_dir = cache_root() / "envs" / f"torch-{host.torch_version}"
+    fingerprint = _fingerprint(*sorted(host.torch), _pins_of(host.constraints))
     if not _ready(env_dir, fingerprint):
-        print(f"[hosts] creating the shared torch environment in {env_dir}", flush=True)
+        print(f"[hosts] creating the torch {host.torch_version} environment in {env_dir}", flush=True)
         shutil.rmtree(env_dir, ignore_errors=True)
         subprocess.run([_base_python(), "-m", "venv", str(env_dir)], check=True)
-        _pip(_python_of(env_dir), "-c", str(CONSTRAINTS_FILE), *TORCH_PINS)
-        check = subprocess.run([str(_python_of(env_dir)), "-c", "import torch, torchvision"])
+        _pip(_python_of(env_dir), "-c", str(host.constraints), *host.torch)
+        modules = ", ".join(pin.split("==", 1)[0] for pin in host.torch)
+        check = subprocess.run([str(_python_of(env_dir)), "-c", f"import {modules}"])
         if check.returncode != 0:
-            raise HostError("torch and torchvision were installed but do not import together; "
-                            "torchvision 0.28.0 needs the full torch 2.13.0 build from the registry")
+            raise HostError(f"{', '.join(host.torch)} were installed but do not import together; the "
+                            "registry's torchvision and torchaudio need its full torch build of the same release")
         _mark_ready(env_dir, fingerprint)
     return env_dir
 
 
-def _host_requirements(checkout: pathlib.Path) -> list[str]:
+def _host_requirements(checkout: pathlib.Path, optional: tuple[str, ...]) -> list[str]:
     wanted = []
     for line in (checkout / "requirements.txt").read_text().splitlines():
         line = line.split("#", 1)[0].strip()
@@ -243,18 +266,19 @@ def _host_requirements(checkout: pathlib.Path) -> list[str]:
         name = line
         for separator in "=<>~!;[ ":
             name = name.split(separator, 1)[0]
-        if name.lower() not in SKIPPED_REQUIREMENTS:
-            wanted.append(line)
+        name = name.lower()
+        if name in TORCH_PACKAGES or (name in OPTIONAL_REQUIREMENTS and name not in optional):
+            continue
+        wanted.append(line)
     return wanted
 
 
 def ensure_host_env(host: Host, checkout: pathlib.Path) -> pathlib.Path:
-    torch_env = ensure_torch_env()
-    requirements = _host_requirements(checkout)
+    torch_env = ensure_torch_env(host)
+    requirements = _host_requirements(checkout, host.optional)
     env_dir = cache_root() / "envs" / f"{host.name}-{(host.commit or 'local')[:8]}"
     fingerprint = _fingerprint(str(checkout), *requirements, *HOST_RUNTIME_EXTRAS, *TEST_TOOLS,
-                               PACK_REQUIREMENTS.read_text(),
-                               CONSTRAINTS_FILE.read_text(),
+                               PACK_REQUIREMENTS.read_text(), _pins_of(host.constraints),
                                (torch_env / ".headroom-ready").read_text())
     python = _python_of(env_dir)
     if _ready(env_dir, fingerprint):
@@ -266,13 +290,14 @@ def ensure_host_env(host: Host, checkout: pathlib.Path) -> pathlib.Path:
     (_site_packages(python) / "headroom_shared_torch.pth").write_text(
         str(_site_packages(_python_of(torch_env))) + "\n")
     # the pack's own requirements.txt too, as ComfyUI Manager installs it
-    _pip(python, "-c", str(CONSTRAINTS_FILE), "-r", str(PACK_REQUIREMENTS), *requirements, *HOST_RUNTIME_EXTRAS,
+    _pip(python, "-c", str(host.constraints), "-r", str(PACK_REQUIREMENTS), *requirements, *HOST_RUNTIME_EXTRAS,
          *TEST_TOOLS)
-    check = subprocess.run([str(python), "-c", "import torch, torchvision, aiohttp, pytest; "
-                            "assert torch.__version__.startswith('2.13.0'), torch.__version__"])
+    modules = ", ".join(pin.split("==", 1)[0] for pin in host.torch)
+    check = subprocess.run([str(python), "-c", f"import {modules}, aiohttp, pytest; "
+                            f"assert torch.__version__.startswith({host.torch_version!r}), torch.__version__"])
     if check.returncode != 0:
         raise HostError(f"the environment for ComfyUI {host.name} was built but does not import "
-                        "torch 2.13.0, torchvision, aiohttp and pytest")
+                        f"{modules} (torch {host.torch_version}), aiohttp and pytest")
     _mark_ready(env_dir, fingerprint)
     return python
 
@@ -286,8 +311,24 @@ def _version_of(checkout: pathlib.Path) -> str:
     return "local"
 
 
-def prepare_hosts(newest_only: bool = False) -> list[PreparedHost]:
-    """Every pinned host (or the single COMFYUI_DIR host), checked out and with its environment."""
+def select_hosts(hosts: list[Host], which: str) -> list[Host]:
+    """`which`: "all", "newest" (the last in hosts.toml), or host names separated by commas."""
+    if which == "all":
+        return hosts
+    if which == "newest":
+        return hosts[-1:]
+    by_name = {host.name: host for host in hosts}
+    wanted = [name.strip() for name in which.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in by_name]
+    if unknown or not wanted:
+        raise HostError(f"no pinned host named {', '.join(unknown) or repr(which)}; the pinned hosts are "
+                        f"{', '.join(by_name)} (tests/hosts.toml), or say newest or all")
+    return [by_name[name] for name in wanted]
+
+
+def prepare_hosts(which: str = "all") -> list[PreparedHost]:
+    """The pinned hosts `which` names (see select_hosts), or the single COMFYUI_DIR host, checked out and
+    with their environments."""
     comfyui_dir = os.environ.get("COMFYUI_DIR")
     if comfyui_dir:
         checkout = pathlib.Path(comfyui_dir).expanduser().resolve()
@@ -295,35 +336,40 @@ def prepare_hosts(newest_only: bool = False) -> list[PreparedHost]:
             raise HostError(f"COMFYUI_DIR={comfyui_dir} is not a ComfyUI folder (no main.py and comfy/)\n"
                             + HOW_TO_PROVIDE)
         head = _git("-C", str(checkout), "rev-parse", "HEAD", check=False)
-        host = Host(_version_of(checkout), head.stdout.strip() if head.returncode == 0 else "")
+        # an unknown ComfyUI gets the environment of the pinned host of its version, else of the newest one
+        version = _version_of(checkout)
+        pinned = {host.name: host for host in pinned_hosts()[0]}
+        settings = pinned.get(version, newest_pinned_host())
+        host = dataclasses.replace(settings, name=version, commit=head.stdout.strip() if head.returncode == 0 else "")
         return [PreparedHost(host, checkout, ensure_host_env(host, checkout), ())]
     hosts, default_source = pinned_hosts()
-    if newest_only:
-        hosts = hosts[-1:]  # hosts.toml lists them oldest first
     sources = git_sources(default_source)
     prepared = []
-    for host in hosts:
+    for host in select_hosts(hosts, which):
         checkout, missing = ensure_checkout(host, sources)
         prepared.append(PreparedHost(host, checkout, ensure_host_env(host, checkout), tuple(missing)))
     return prepared
 
 
-def exec_in_newest_host(script: pathlib.Path, argv: list[str]) -> None:
-    """Prepare the newest pinned host (or COMFYUI_DIR) and replace this process by `script` run in
-    its environment, with HEADROOM_COMFYUI_DIR set. For the main job and the benchmarks."""
+def exec_in_host(script: pathlib.Path, argv: list[str], which: str = "newest") -> None:
+    """Prepare one pinned host (the newest unless `which` names another; or COMFYUI_DIR) and replace this
+    process by `script` run in its environment, with HEADROOM_COMFYUI_DIR set. For the main job and the
+    benchmarks."""
     try:
-        prepared = prepare_hosts(newest_only=True)[0]
+        prepared = prepare_hosts(which)
+        if len(prepared) != 1:
+            raise HostError(f"name one host, not {which!r}")
     except HostError as error:
         sys.exit(f"[headroom] {error}")
-    print(f"[headroom] ComfyUI {prepared.host.name} at {prepared.comfyui_dir}", flush=True)
-    env = {**os.environ, "HEADROOM_COMFYUI_DIR": str(prepared.comfyui_dir)}
-    command = [str(prepared.python), "-P", str(script), *argv]
+    print(f"[headroom] ComfyUI {prepared[0].host.name} at {prepared[0].comfyui_dir}", flush=True)
+    env = {**os.environ, "HEADROOM_COMFYUI_DIR": str(prepared[0].comfyui_dir), "HEADROOM_HOST": prepared[0].host.name}
+    command = [str(prepared[0].python), "-P", str(script), *argv]
     os.execve(command[0], command, env)
 
 
 if __name__ == "__main__":
     try:
-        for ready in prepare_hosts():
+        for ready in prepare_hosts(sys.argv[1] if len(sys.argv) > 1 else "all"):
             print(f"{ready.host.name}\t{ready.comfyui_dir}\t{ready.python}")
     except HostError as error:
         sys.exit(f"[hosts] {error}")

@@ -70,10 +70,39 @@ def test_sources_come_from_the_environment_with_upstream_as_default(monkeypatch)
     assert hosts.git_sources("https://example.invalid/ComfyUI.git") == ["/a", "/b"]
 
 
-def test_pins_name_both_hosts():
+def test_pins_name_three_hosts_each_with_its_torch_and_constraints():
     pinned, default = hosts.pinned_hosts()
-    assert [(h.name, h.commit[:8]) for h in pinned] == [("v0.3.64", "a125cd84"), ("v0.12.1", "fe251146")]
+    assert [(h.name, h.commit[:8], h.torch_version) for h in pinned] == [
+        ("v0.3.64", "a125cd84", "2.13.0"), ("v0.12.1", "fe251146", "2.13.0"), ("v0.33.0", "2f35f4a0", "2.11.0")]
     assert default.startswith("https://github.com/")
+    assert hosts.newest_pinned_host().name == "v0.33.0"
+    for host in pinned:
+        pins = dict(line.split("==", 1) for line in hosts._pins_of(host.constraints).splitlines())
+        for pin in host.torch:  # the torch packages and the constraints agree
+            name, version = pin.split("==")
+            assert pins[name] == version, (host.name, pin)
+    v0_33 = pinned[-1]
+    assert "torchaudio==2.11.0" in v0_33.torch
+    v0_33_pins = hosts._pins_of(v0_33.constraints)
+    assert "comfy-aimdo==0.4.13" in v0_33_pins and "comfy-kitchen==0.2.31" in v0_33_pins  # its requirements' pins
+
+
+def test_a_host_is_chosen_by_name_newest_or_all():
+    pinned, _ = hosts.pinned_hosts()
+    assert hosts.select_hosts(pinned, "all") == pinned
+    assert [h.name for h in hosts.select_hosts(pinned, "newest")] == ["v0.33.0"]
+    assert [h.name for h in hosts.select_hosts(pinned, "v0.12.1,v0.3.64")] == ["v0.12.1", "v0.3.64"]
+    with pytest.raises(hosts.HostError, match="no pinned host named v9.9"):
+        hosts.select_hosts(pinned, "v9.9")
+
+
+def test_requirements_skip_torch_and_take_only_the_optional_extras_a_host_lists(tmp_path):
+    (tmp_path / "requirements.txt").write_text(
+        "torch\ntorchvision\ntorchaudio\nnumpy>=1.25.0\ncomfy-aimdo==0.4.13\n#non essential dependencies:\n"
+        "kornia>=0.7.1\nspandrel\nPyOpenGL>=3.1.8\ncomfy-angle\n")
+    assert hosts._host_requirements(tmp_path, ("kornia", "spandrel")) == [
+        "numpy>=1.25.0", "comfy-aimdo==0.4.13", "kornia>=0.7.1", "spandrel"]
+    assert hosts._host_requirements(tmp_path, ()) == ["numpy>=1.25.0", "comfy-aimdo==0.4.13"]
 
 
 def test_a_comfyui_dir_that_is_not_comfyui_is_refused(tmp_path, monkeypatch):
