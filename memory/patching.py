@@ -20,13 +20,13 @@ import time
 import psutil
 import torch
 
-from . import comfy
+from .comfy import budgets, host, journal, models, oom
 from .attention import ACTIVATION_BYTES_KEY
 from .budget import Budget
 from .plan import Plan, oom_ladder, plan_sampling
 from .report import BudgetLine, RecordLog, SamplingRecord
 
-HEADROOM = comfy.WRAPPER_KEY  # transformer_options key of the pack's state
+HEADROOM = models.WRAPPER_KEY  # transformer_options key of the pack's state
 log = logging.getLogger("headroom")
 
 
@@ -55,10 +55,10 @@ def apply_budget(model, budget: Budget):
     headroom = dict(options.get(HEADROOM, {}))  # a copy: never share a dict with the incoming model
     headroom["offload"] = OffloadSettings(budget=budget, records=RecordLog())
     options[HEADROOM] = headroom
-    comfy.add_wrappers(clone,
+    models.add_wrappers(clone,
                        {"OUTER_SAMPLE": _outer_sample, "PREPARE_SAMPLING": _prepare_sampling,
                         "CALC_COND_BATCH": _calc_cond_batch, "PREDICT_NOISE": _predict_noise},
-                       {"ON_CLEANUP": comfy.reset_limits})
+                       {"ON_CLEANUP": budgets.reset_limits})
     return clone
 
 
@@ -87,13 +87,13 @@ def _outer_sample(executor, *args, **kwargs):
     headroom = _headroom(guider.model_options)
     settings: OffloadSettings = headroom["offload"]
     noise = args[0] if args else kwargs["noise"]
-    device = comfy.device_facts(patcher.load_device)
-    plan = plan_sampling(settings.budget, comfy.model_facts(patcher, noise.shape), device,
-                         comfy.loaded_bytes(patcher))
+    device = models.device_facts(patcher.load_device)
+    plan = plan_sampling(settings.budget, models.model_facts(patcher, noise.shape), device,
+                         models.loaded_bytes(patcher))
     limit = settings.budget.limit_bytes(device.total_bytes)
     if limit is not None:
-        comfy.prompt_journal().set_budget(BudgetLine(device.name, *limit))
-    record = SamplingRecord(model=comfy.model_name(patcher), device=device.name, plan=plan.describe(),
+        journal.prompt_journal().set_budget(BudgetLine(device.name, *limit))
+    record = SamplingRecord(model=models.model_name(patcher), device=device.name, plan=plan.describe(),
                             planned_resident_bytes=plan.resident_bytes)
     run = RunState(plan=plan, record=record)
     headroom["run"] = run
@@ -110,12 +110,12 @@ def _outer_sample(executor, *args, **kwargs):
                 output = executor(*args, **kwargs)
                 break
             except Exception as error:
-                if not comfy.is_out_of_memory(error):
+                if not oom.is_out_of_memory(error):
                     raise
                 failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             # retried outside the except block, so the traceback's frames (and their tensors) are freed
             if rungs is None:
-                rungs = oom_ladder(run.plan, comfy.loaded_bytes(patcher), _attention_target(headroom, run.plan))
+                rungs = oom_ladder(run.plan, models.loaded_bytes(patcher), _attention_target(headroom, run.plan))
             if not rungs:
                 tried = "; ".join(record.rungs) or "no rung applies"
                 raise BudgetExhausted(f"Headroom: out of memory while sampling {record.model} on {device.name} "
@@ -124,19 +124,19 @@ def _outer_sample(executor, *args, **kwargs):
             rung = rungs.pop(0)
             record.rungs.append(rung.name)
             log.warning("Headroom: out of memory (%s); retrying: %s", failure, rung.name)
-            comfy.free_after_oom()
+            oom.free_after_oom()
             _apply_rung(headroom, run, rung)
         record.outcome = "success"
         record.steps = run.step_in_attempt
         return output
     except BaseException as error:
-        record.outcome = "interrupted" if comfy.is_interrupt(error) else f"failed: {type(error).__name__}"
+        record.outcome = "interrupted" if host.is_interrupt(error) else f"failed: {type(error).__name__}"
         raise
     finally:
         record.seconds = time.perf_counter() - started
         if cuda:
             record.peak_vram_bytes = int(torch.cuda.max_memory_allocated(patcher.load_device))
-        comfy.release(patcher)  # nothing of ours stays loaded once the run is over
+        models.release(patcher)  # nothing of ours stays loaded once the run is over
         settings.records.add(record)
         log.info(record.log_line())
 
@@ -147,7 +147,7 @@ def _prepare_sampling(executor, *args, **kwargs):
     model_options = kwargs.get("model_options", args[3] if len(args) > 3 else None)
     run: RunState | None = _headroom(model_options).get("run")
     if run is not None and run.plan.resident_bytes is not None:
-        comfy.trim_to(patcher, run.plan.resident_bytes)
+        budgets.trim_to(patcher, run.plan.resident_bytes)
     return result
 
 
@@ -174,7 +174,7 @@ def _predict_noise(executor, *args, **kwargs):
         raise torch.OutOfMemoryError(f"Headroom test hook: out of memory injected at step {injection['step']}")
     output = executor(*args, **kwargs)
     record = run.record
-    record.measured_resident_bytes = max(record.measured_resident_bytes, comfy.loaded_bytes(guider.model_patcher))
+    record.measured_resident_bytes = max(record.measured_resident_bytes, models.loaded_bytes(guider.model_patcher))
     record.peak_ram_bytes = max(record.peak_ram_bytes, psutil.Process().memory_info().rss)
     return output
 
@@ -183,21 +183,21 @@ def _predict_noise(executor, *args, **kwargs):
 
 def add_stage_recorder(clone):
     """Register on a clone (once): each sampling run is a stage of the Memory Report. Returns the clone."""
-    if _record_sampling not in comfy.headroom_wrappers(clone, "OUTER_SAMPLE"):
-        comfy.add_wrappers(clone, {"OUTER_SAMPLE": _record_sampling}, {})
+    if _record_sampling not in models.headroom_wrappers(clone, "OUTER_SAMPLE"):
+        models.add_wrappers(clone, {"OUTER_SAMPLE": _record_sampling}, {})
     return clone
 
 
 def _record_sampling(executor, *args, **kwargs):
     guider = executor.class_obj
     patcher = guider.model_patcher
-    with comfy.stage("sampling", comfy.model_name(patcher), patcher.load_device) as stage:
+    with journal.stage("sampling", models.model_name(patcher), patcher.load_device) as stage:
         try:
             return executor(*args, **kwargs)
         finally:
             run: RunState | None = _headroom(guider.model_options).get("run")
             if run is None:  # no Offload Model: what ComfyUI kept loaded
-                stage.resident_bytes = comfy.loaded_bytes(patcher)
+                stage.resident_bytes = models.loaded_bytes(patcher)
             else:
                 _copy_plan(run, stage)
 
@@ -220,7 +220,7 @@ def _copy_plan(run: RunState, stage) -> None:
 def add_device_guard(clone):
     """Register on a clone: sampling runs with the clone's load device as the current CUDA device, so code
     that allocates on "the current device" meets the model's tensors there. Returns the clone."""
-    comfy.add_wrappers(clone, {"OUTER_SAMPLE": _device_guard}, {})
+    models.add_wrappers(clone, {"OUTER_SAMPLE": _device_guard}, {})
     return clone
 
 

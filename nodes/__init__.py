@@ -1,5 +1,5 @@
 """The pack's nodes (V3 schema). Each module is a thin translation from node inputs to core calls."""
-from ..memory.comfy import node_api
+from ..memory.comfy.host import node_api
 from .force_gc import ForceGC
 from .memory_report import MemoryReportNode
 from .offload_model import OffloadModel

@@ -1,7 +1,9 @@
 """Force GC: collect garbage, unload models from every device, give memory back; pass a value through."""
 import logging
 
-from ..memory.comfy import ComfyModelHost, default_device, node_api, stage
+from ..memory.comfy.gc import ComfyModelHost
+from ..memory.comfy.host import default_device, node_api
+from ..memory.comfy.journal import stage
 from ..memory.gc import GcRequest, force_gc
 
 _, io, ui = node_api()

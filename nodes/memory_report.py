@@ -4,11 +4,11 @@ import logging
 import numpy
 import torch
 
-from ..memory import comfy
+from ..memory.comfy import host, journal
 from ..memory.chart import render_chart
 from ..memory.report import MemoryReport
 
-_, io, ui = comfy.node_api()
+_, io, ui = host.node_api()
 log = logging.getLogger("headroom")
 
 
@@ -50,7 +50,7 @@ class MemoryReportNode(io.ComfyNode):
     def execute(cls, value=None):
         prompt = cls.hidden.prompt or {}
         node_types = {node_id: node.get("class_type") for node_id, node in prompt.items()}
-        report = MemoryReport.of(comfy.prompt_journal(), node_types)
+        report = MemoryReport.of(journal.prompt_journal(), node_types)
         chart = render_chart(report)
         chart_image = torch.from_numpy(numpy.asarray(chart).astype(numpy.float32) / 255.0)[None]
         text = report.describe()

@@ -1,11 +1,11 @@
 """Offload Model: run the diffusion model under a VRAM budget; text encoder and VAE off the GPU after use."""
 import logging
 
-from ..memory import comfy
+from ..memory.comfy import host, models, use
 from ..memory.budget import Budget, gb
 from ..memory.patching import apply_budget
 
-_, io, ui = comfy.node_api()
+_, io, ui = host.node_api()
 log = logging.getLogger("headroom")
 
 KEEP_LOADED = "keep loaded"
@@ -55,21 +55,21 @@ class OffloadModel(io.ComfyNode):
     @classmethod
     def execute(cls, model, budget_gb=0.0, keep_free_gb=1.0, text_encoder_and_vae=OFFLOAD_AFTER_USE,
                 clip=None, vae=None):
-        if not comfy.is_diffusion_model(model):
+        if not models.is_diffusion_model(model):
             raise ValueError(f"model: Offload Model needs a diffusion model (from a checkpoint or diffusion "
                              f"model loader), got {type(getattr(model, 'model', model)).__name__}")
         if text_encoder_and_vae not in (OFFLOAD_AFTER_USE, KEEP_LOADED):
             raise ValueError(f"text_encoder_and_vae must be '{OFFLOAD_AFTER_USE}' or '{KEEP_LOADED}', "
                              f"got {text_encoder_and_vae!r}")
         budget = Budget.from_gb(budget_gb, keep_free_gb)
-        device = comfy.device_facts(model.load_device)
+        device = models.device_facts(model.load_device)
         budget.check_fits(device.name, device.total_bytes)
         patched = apply_budget(model, budget)
         offload = text_encoder_and_vae == OFFLOAD_AFTER_USE
-        clip = comfy.watch_use(clip, "CLIP", offload) if clip is not None else None
-        vae = comfy.watch_use(vae, "VAE", offload) if vae is not None else None
+        clip = use.watch_use(clip, "CLIP", offload) if clip is not None else None
+        vae = use.watch_use(vae, "VAE", offload) if vae is not None else None
         plan = (f"Offload Model: {budget.describe()} on {device.name} ({gb(device.total_bytes)}); "
-                f"{comfy.model_name(model)} weights {gb(model.model_size())}; text encoder and VAE: "
+                f"{models.model_name(model)} weights {gb(model.model_size())}; text encoder and VAE: "
                 f"{text_encoder_and_vae}")
         log.info(plan)
         return io.NodeOutput(patched, clip, vae, plan, ui=ui.PreviewText(plan))

@@ -2,7 +2,7 @@
 import itertools
 import logging
 
-from ..memory import comfy
+from ..memory.comfy import host, placement
 from ..memory.devices import (
     GIB,
     list_devices,
@@ -14,7 +14,7 @@ from ..memory.devices import (
 )
 from ..memory.patching import add_device_guard, add_stage_recorder
 
-_, io, ui = comfy.node_api()
+_, io, ui = host.node_api()
 log = logging.getLogger("headroom")
 
 MOST_FREE = "most free memory"
@@ -30,7 +30,7 @@ _round_robin_calls = itertools.count()
 def available_devices():
     """(the devices to pick from, notes on what is missing and why): torch/NVML's view, limited to what ComfyUI uses."""
     devices, notes = list_devices()
-    names, reason = comfy.devices_comfy_uses()
+    names, reason = placement.devices_comfy_uses()
     if names is not None:
         devices, dropped = restrict_devices(devices, names, reason)
         notes += dropped
@@ -117,7 +117,7 @@ class PickGPU(io.ComfyNode):
         def place(input_name, value, patcher, move):
             if value is None:
                 return None
-            reason = comfy.native_placement(patcher)
+            reason = placement.native_placement(patcher)
             if reason is not None:  # ComfyUI's own multi-GPU nodes chose: do not fight them
                 kept.append(f"{input_name.upper()} stays on {patcher.load_device} ({reason})")
                 return value
@@ -129,9 +129,9 @@ class PickGPU(io.ComfyNode):
             return moved
 
         model = place("model", model, model,
-                      lambda m, d: add_device_guard(add_stage_recorder(comfy.place_model(m, d))))
-        clip = place("clip", clip, clip and clip.patcher, comfy.place_clip)
-        vae = place("vae", vae, vae and vae.patcher, comfy.place_vae)
+                      lambda m, d: add_device_guard(add_stage_recorder(placement.place_model(m, d))))
+        clip = place("clip", clip, clip and clip.patcher, placement.place_clip)
+        vae = place("vae", vae, vae and vae.patcher, placement.place_vae)
         parts = [f"Pick GPU: {choice.describe()}",
                  f"{', '.join(placed)} on {choice.device}" if placed else "nothing placed"] + kept
         if notes:

@@ -10,7 +10,8 @@ from ..memory.attention import (
     install_attention_override,
     make_attention_override,
 )
-from ..memory.comfy import comfy_attention_functions, has_fused_attention, node_api
+from ..memory.comfy.attention import comfy_attention_functions, has_fused_attention
+from ..memory.comfy.host import node_api
 from ..memory.patching import add_stage_recorder
 
 _, io, _ = node_api()

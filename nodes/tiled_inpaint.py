@@ -1,10 +1,10 @@
 """Tiled Inpaint: inpaint a large image tile by tile, so memory follows the tile, not the image."""
 import logging
 
-from ..memory import comfy
+from ..memory.comfy import host, inpaint, journal, models
 from ..memory.inpaint import MIN_TILE_SIZE, REFUSED_KEYS, InpaintSettings, inpaint_tiled
 
-_, io, ui = comfy.node_api()
+_, io, ui = host.node_api()
 log = logging.getLogger("headroom")
 
 MAX_SIDE = 16384  # ComfyUI's own largest image side (nodes.MAX_RESOLUTION)
@@ -55,9 +55,9 @@ class TiledInpaint(io.ComfyNode):
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampling steps per tile."),
                 io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale, as in KSampler."),
-                io.Combo.Input("sampler_name", options=comfy.sampler_names(),
+                io.Combo.Input("sampler_name", options=inpaint.sampler_names(),
                                tooltip="The sampling algorithm, as in KSampler."),
-                io.Combo.Input("scheduler", options=comfy.scheduler_names(),
+                io.Combo.Input("scheduler", options=inpaint.scheduler_names(),
                                tooltip="The noise schedule, as in KSampler."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="How much of the masked area is repainted: 1.0 paints it anew, lower "
@@ -85,12 +85,12 @@ class TiledInpaint(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, vae, image, mask, tile_size, overlap, mask_grow, mask_feather,
                 seed, steps, cfg, sampler_name, scheduler, denoise):
-        if not comfy.is_diffusion_model(model):
+        if not models.is_diffusion_model(model):
             raise ValueError(f"model: Tiled Inpaint needs a diffusion model (from a checkpoint or diffusion "
                              f"model loader), got {type(getattr(model, 'model', model)).__name__}")
         settings = InpaintSettings(tile_size, overlap, mask_grow, mask_feather, seed)
-        backend = comfy.inpaint_backend(model, vae, steps, cfg, sampler_name, scheduler, denoise)
-        with comfy.stage("tiles", "Tiled Inpaint", model.load_device) as tiles_stage:
+        backend = inpaint.inpaint_backend(model, vae, steps, cfg, sampler_name, scheduler, denoise)
+        with journal.stage("tiles", "Tiled Inpaint", model.load_device) as tiles_stage:
             result, report = inpaint_tiled(image, mask, positive, negative, settings, backend)
             tiles_stage.rungs = list(report.retries)
             tiles_stage.detail = report.describe()

@@ -95,7 +95,7 @@ def test_an_interrupted_run_is_recorded_as_interrupted(comfy_nodes, loaded_check
 
 
 def test_only_the_last_few_prompts_journals_are_kept(comfy_nodes):
-    journals = comfy_host.pack_module("memory.comfy")._journals
+    journals = comfy_host.pack_module("memory.comfy.journal")._journals
     for index in range(10):
         report(comfy_nodes, f"prompt-{index}")
     assert list(journals)[-4:] == [f"prompt-{index}" for index in range(6, 10)] and len(journals) == 4

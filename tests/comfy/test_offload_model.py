@@ -45,7 +45,7 @@ def records(model):
 
 
 def assert_nothing_of_ours_remains(original):
-    has_headroom_hooks = comfy_host.pack_module("memory.comfy").has_headroom_hooks
+    has_headroom_hooks = comfy_host.pack_module("memory.comfy.models").has_headroom_hooks
     assert not has_headroom_hooks(original)
     for entry in model_management.current_loaded_models:
         assert entry.model is None or not has_headroom_hooks(entry.model), "a Headroom clone is still loaded"

@@ -64,7 +64,7 @@ def loaded_patchers():
 
 
 def has_headroom_hooks(patcher) -> bool:
-    return comfy_host.pack_module("memory.comfy").has_headroom_hooks(patcher)
+    return comfy_host.pack_module("memory.comfy.models").has_headroom_hooks(patcher)
 
 
 def devices_of(model, clip, vae) -> tuple:
@@ -95,6 +95,9 @@ def two_gpus(recorded_devices, monkeypatch):
     """A ComfyUI that runs on GPUs (not --cpu) on a machine with the recorded two GPUs. Nothing here
     samples on them: the tests check where the clones would load."""
     monkeypatch.setattr(model_management, "cpu_state", model_management.CPUState.GPU)
+    if hasattr(model_management, "get_all_torch_devices"):  # newer hosts list the GPUs they use (torch sees none here)
+        monkeypatch.setattr(model_management, "get_all_torch_devices",
+                            lambda exclude_current=False: [torch.device("cuda", 0), torch.device("cuda", 1)])
 
 
 # ---------------------------------------------------------------------------- on this machine: the CPU

@@ -60,7 +60,7 @@ def assert_changed_only_inside(result, image, mask):
 
 def assert_nothing_of_ours_remains(original, test_clone=None):
     """Neither the incoming model nor anything loaded carries Headroom hooks (but the test's own OOM hook)."""
-    has_headroom_hooks = comfy_host.pack_module("memory.comfy").has_headroom_hooks
+    has_headroom_hooks = comfy_host.pack_module("memory.comfy.models").has_headroom_hooks
     assert not has_headroom_hooks(original)
     for entry in model_management.current_loaded_models:
         assert entry.model is None or entry.model is test_clone or not has_headroom_hooks(entry.model)
@@ -190,7 +190,7 @@ def test_a_model_that_is_not_a_diffusion_model_is_refused(comfy_nodes, loaded_ch
 def test_the_comfyui_side_of_the_ladder_calls_comfyuis_own_functions(comfy_nodes, loaded_checkpoint):
     """The fallbacks an OOM leads to, called directly: VAE tiled encode/decode and freeing the other models."""
     model, _, vae = loaded_checkpoint
-    backend = comfy_host.pack_module("memory.comfy").inpaint_backend(model, vae, 1, 4.0, "euler", "normal", 1.0)
+    backend = comfy_host.pack_module("memory.comfy.inpaint").inpaint_backend(model, vae, 1, 4.0, "euler", "normal", 1.0)
     pixels = random_image(size=256, seed=5)
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         latent = backend.encode_tiled(pixels)
