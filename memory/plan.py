@@ -21,7 +21,7 @@ class ModelFacts:
 class DeviceFacts:
     name: str
     total_bytes: int
-    free_bytes: int  # free now, as the whole machine sees it
+    free_bytes: int  # what the model being planned could use now (free memory + its own resident weights)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +45,10 @@ class Plan:
                 f"{self.reason}")
 
 
-def plan_sampling(budget: Budget, model: ModelFacts, device: DeviceFacts, loaded_bytes: int = 0) -> Plan:
-    """The plan for one run. `loaded_bytes`: this model's weights already on the device (they count as
-    free for it, since the plan may keep or drop them)."""
-    usable_now = device.free_bytes + loaded_bytes
+def plan_sampling(budget: Budget, model: ModelFacts, device: DeviceFacts) -> Plan:
+    """The plan for one run. `device.free_bytes` is what this model could use now, its own resident weights
+    counted (they are free for it, since the plan may keep or drop them): memory.decisions.memory_for_model."""
+    usable_now = device.free_bytes
     if budget.weights_cap_bytes is not None:
         resident = min(budget.weights_cap_bytes, model.weight_bytes)
         split = (usable_now - resident < model.activation_bytes_batched

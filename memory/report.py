@@ -3,9 +3,14 @@
 A `Journal` belongs to one prompt. Every Headroom hook opens a stage in it (text encode,
 sampling, VAE, tiles, GC) with `journal.stage(...)`; stages nest (a tile's sampling runs inside
 "tiles"). Peaks come from a `PeakProbe`: the process's RAM high-water mark (Linux VmHWM, reset
-through /proc/self/clear_refs) and torch's allocated peak per CUDA device. Both are process-wide
-counters, so a stage that opens inside another folds what the outer one had seen before it
-resets them, and hands its own peak back to the outer one when it closes.
+through /proc/self/clear_refs), torch's allocated peak per CUDA device, and the readings of device
+memory outside torch's allocator it is given (`vram_readers`: the process's NVML usage; comfy-aimdo's
+usage, which counts its VBAR pages too), sampled at each stage's start and end and whenever a hook
+calls `Journal.sample()` (every sampling step). Those are process-wide counters, so a stage that opens
+inside another folds what the outer one had seen before it resets them, and hands its own peak back to
+the outer one when it closes. A stage's VRAM peak is the largest of its sources: torch's peak alone is a
+lower bound (VBAR pages and other allocators are outside it); sampled readings can miss a peak between
+two samples. The report names the sources each stage used.
 """
 from __future__ import annotations
 
@@ -14,31 +19,53 @@ import dataclasses
 import json
 import re
 import time
+from typing import Callable
 
 import psutil
 import torch
 
 from .budget import gb
 
-RAM = "ram"  # the probe's key for the process's RAM; CUDA devices are keyed by name ("cuda:0")
+RAM = "ram"  # the probe's key for the process's RAM; torch's CUDA peaks are keyed by device ("cuda:0")
+TORCH = "torch"
+# a reader of device memory outside torch's allocator: {"cuda:0": bytes now}, or None when it cannot say
+VramReader = Callable[[], "dict[str, int] | None"]
+
+
+def _source_key(source: str, device: str) -> str:
+    return f"{source}@{device}"
 
 
 class PeakProbe:
-    """The process's peak memory since the last reset: RAM and every CUDA device torch sees."""
+    """The process's peak memory since the last reset: RAM, torch's peak on every CUDA device it sees, and
+    the largest reading each VRAM reader gave per device."""
 
-    def __init__(self):
+    def __init__(self, vram_readers: dict[str, VramReader] | None = None):
         self.ram_peak_is_exact = _reset_ram_peak()  # False off Linux: the peak is the RSS at reads
+        self.vram_readers = dict(vram_readers or {})
+        self._sampled: dict[str, int] = {}
+
+    def sample(self) -> None:
+        """Fold the readers' current readings into the peaks since the last reset."""
+        for source, reader in self.vram_readers.items():
+            for device, value in (reader() or {}).items():
+                key = _source_key(source, device)
+                self._sampled[key] = max(self._sampled.get(key, 0), int(value))
 
     def reset(self) -> None:
         if self.ram_peak_is_exact:
             _reset_ram_peak()
         for device in _cuda_devices():
             torch.cuda.reset_peak_memory_stats(device)
+        self._sampled = {}
+        self.sample()
 
     def read(self) -> dict[str, int]:
+        self.sample()
         peaks = {RAM: _ram_peak_bytes() if self.ram_peak_is_exact else psutil.Process().memory_info().rss}
         for device in _cuda_devices():
             peaks[device] = int(torch.cuda.max_memory_allocated(device))
+        peaks.update(self._sampled)
         return peaks
 
 
@@ -88,7 +115,9 @@ class Stage:
     planned_vram_bytes: int | None = None  # on a CUDA device: weights kept resident + activations
     planned_ram_bytes: int | None = None  # weights planned to wait in RAM (+ activations on the CPU)
     resident_bytes: int | None = None  # the most model weight bytes seen on the device
-    peak_vram_bytes: int | None = None  # torch's allocated peak on the stage's CUDA device; None elsewhere
+    peak_vram_bytes: int | None = None  # the largest of vram_peaks on the stage's CUDA device; None elsewhere
+    vram_peaks: dict[str, int] = dataclasses.field(default_factory=dict)  # by source: torch, aimdo, nvml
+    vram_sources: list[str] = dataclasses.field(default_factory=list)  # the sources that gave a reading
     peak_ram_bytes: int = 0  # the process's peak RSS during the stage
     vram_before_bytes: int | None = None  # torch-allocated on the stage's CUDA device when it started
     vram_after_bytes: int | None = None  # ... when it ended
@@ -106,7 +135,8 @@ class Stage:
                     f"ram_after={gb(self.ram_after_bytes)}"]
         if self.peak_vram_bytes is not None:
             added = gb(self.peak_vram_bytes - self.vram_before_bytes)
-            measured[:0] = [f"peak_vram={gb(self.peak_vram_bytes)}(+{added})",
+            sources = ",".join(f"{source}:{gb(value).replace(' ', '')}" for source, value in self.vram_peaks.items())
+            measured[:0] = [f"peak_vram={gb(self.peak_vram_bytes)}(+{added})[{sources}]",
                             f"vram_after={gb(self.vram_after_bytes)}"]
         if self.resident_bytes is not None:
             measured.append(f"resident={gb(self.resident_bytes)}")
@@ -167,7 +197,10 @@ class Journal:
             for outer in self._open_peaks:
                 _fold(outer, peaks)
             record.peak_ram_bytes = peaks[RAM]
-            record.peak_vram_bytes = peaks.get(record.device) if record.device.startswith("cuda") else None
+            if record.device.startswith("cuda"):
+                record.vram_peaks = _vram_peaks(peaks, record.device)
+                record.vram_sources = list(record.vram_peaks)
+                record.peak_vram_bytes = max(record.vram_peaks.values()) if record.vram_peaks else None
             if record.peak_vram_bytes is not None and record.vram_before_bytes is None:
                 record.vram_before_bytes = 0  # the stage was the first to use CUDA in this process
             record.ram_after_bytes = psutil.Process().memory_info().rss
@@ -176,6 +209,19 @@ class Journal:
 
     def set_budget(self, line: BudgetLine) -> None:
         self.budgets[line.device] = line
+
+    def sample(self) -> None:
+        """Take the VRAM readers' readings now (a hook calls it during a stage: every sampling step)."""
+        if self._open_peaks:
+            self.probe.sample()
+
+
+def _vram_peaks(peaks: dict[str, int], device: str) -> dict[str, int]:
+    """{source: peak} on one device: torch's allocator peak first, then each reader's."""
+    found = {TORCH: peaks[device]} if device in peaks else {}
+    prefix = "@" + device
+    found.update((key[:-len(prefix)], value) for key, value in peaks.items() if key.endswith(prefix))
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +266,11 @@ class MemoryReport:
                     "text encoders and VAEs that pass through Offload Model, Sliced Attention or Pick GPU, and "
                     "for Force GC and Tiled Inpaint; wire the report after them. Nodes ComfyUI served from its "
                     "cache did not run, so they have no stage.")
-        vram = "n/a (no CUDA device used)" if self.peak_vram_bytes is None else gb(self.peak_vram_bytes)
+        if self.peak_vram_bytes is None:
+            vram = "n/a (no CUDA device used)"
+        else:
+            used = sorted({source for stage in self.stages for source in stage.vram_sources})
+            vram = f"{gb(self.peak_vram_bytes)} (sources: {', '.join(used)}; torch alone is a lower bound)"
         lines = [f"Memory Report: {len(self.stages)} stages, peak VRAM {vram}, peak RAM {gb(self.peak_ram_bytes)}"
                  + ("" if self.ram_peak_is_exact else " (RAM peaks are RSS at stage ends: no VmHWM here)")]
         lines += [f"budget on {line.device}: {line.label} ({gb(line.bytes)})" for line in self.budgets]
@@ -235,7 +285,10 @@ class SamplingRecord:
     device: str
     plan: str  # Plan.describe() of the plan the run started with
     planned_resident_bytes: int | None
+    patcher: str = "legacy"  # legacy | dynamic (comfy-aimdo pages the weights)
+    usable_bytes: int = 0  # what the model could use on the device when the plan was made (its own weights counted)
     measured_resident_bytes: int = 0  # the most weight bytes ComfyUI held on the device at any step
+    resident_after_loads: list[int] = dataclasses.field(default_factory=list)  # after each load of the run
     peak_vram_bytes: int | None = None  # torch's peak on a CUDA device; None elsewhere
     peak_ram_bytes: int = 0  # the largest process RSS sampled at a step
     rungs: list[str] = dataclasses.field(default_factory=list)  # out-of-memory ladder rungs used
@@ -247,8 +300,10 @@ class SamplingRecord:
         planned = "none" if self.planned_resident_bytes is None else gb(self.planned_resident_bytes)
         vram = "n/a" if self.peak_vram_bytes is None else gb(self.peak_vram_bytes)
         rungs = "; ".join(self.rungs) if self.rungs else "none"
-        return (f"Headroom sampling: model={self.model} device={self.device} outcome={self.outcome} "
-                f"resident planned<={planned} measured_max={gb(self.measured_resident_bytes)} "
+        loads = ",".join(gb(value).replace(" ", "") for value in self.resident_after_loads) or "none"
+        return (f"Headroom sampling: model={self.model} device={self.device} patcher={self.patcher} "
+                f"outcome={self.outcome} resident planned<={planned} after_loads=[{loads}] "
+                f"measured_max={gb(self.measured_resident_bytes)} "
                 f"peak_vram={vram} peak_ram={gb(self.peak_ram_bytes)} steps={self.steps} "
                 f"oom_rungs=[{rungs}] time={self.seconds:.2f}s")
 

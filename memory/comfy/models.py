@@ -1,8 +1,10 @@
 """Model patchers: names, sizes, the facts a plan needs, the pack's wrappers on a clone, unloading one."""
 from __future__ import annotations
 
+from ..decisions import FreeMemoryReading, memory_for_model, release_method
 from ..plan import DeviceFacts, ModelFacts
-from .host import model_management
+from . import dynamic
+from .host import dynamic_vram_enabled, model_management
 
 WRAPPER_KEY = "headroom"  # every wrapper and callback of the pack is registered under this key
 
@@ -48,10 +50,51 @@ def is_dynamic(patcher) -> bool:
     return bool(getattr(patcher, "is_dynamic", lambda: False)())
 
 
-def device_facts(device):
+def device_facts(device) -> DeviceFacts:
+    """The device's memory as a plan for no particular model sees it (Offload Model's input checks)."""
     management = model_management()
     return DeviceFacts(name=str(device), total_bytes=int(management.get_total_memory(device)),
                        free_bytes=int(management.get_free_memory(device)))
+
+
+def free_memory_reading(patcher) -> FreeMemoryReading:
+    """Free memory on the patcher's load device the way the host says to read it for this patcher, with
+    this model's own resident weights, so a plan counts them once (memory.decisions.memory_for_model)."""
+    import comfy.model_patcher as model_patcher
+    device = patcher.load_device
+    if not hasattr(patcher, "get_free_memory"):  # before v0.12: the device's free memory
+        free, view = model_management().get_free_memory(device), "device"
+    else:
+        free = patcher.get_free_memory(device)
+        dynamic_class = getattr(model_patcher, "ModelPatcherDynamic", None)
+        own_override = dynamic_class is not None and isinstance(patcher, dynamic_class) and (
+            "get_free_memory" in vars(dynamic_class))
+        if own_override:  # v0.12's dynamic patcher: the device's total less the whole model
+            view = "total-minus-model"
+        elif hasattr(_memory_management(), "aimdo_enabled") and dynamic_vram_enabled():
+            view = "device+vbars"  # v0.15+: free memory plus every VBAR page aimdo could evict
+        else:
+            view = "device"
+    vbar_resident = dynamic.vbar_resident_bytes(patcher) if is_dynamic(patcher) else 0
+    outside = dynamic.loaded_outside_vbar_bytes(patcher) if is_dynamic(patcher) else loaded_bytes(patcher)
+    return FreeMemoryReading(free_bytes=int(free), view=view, model_bytes=int(patcher.model_size()),
+                             vbar_resident_bytes=vbar_resident, loaded_outside_vbar_bytes=outside)
+
+
+def _memory_management():
+    try:
+        import comfy.memory_management
+        return comfy.memory_management
+    except ImportError:
+        return None
+
+
+def plan_device_facts(patcher) -> DeviceFacts:
+    """The load device as a plan for this patcher sees it: free memory is what the model could use now,
+    its own resident weights included once."""
+    device = patcher.load_device
+    return DeviceFacts(name=str(device), total_bytes=int(model_management().get_total_memory(device)),
+                       free_bytes=memory_for_model(free_memory_reading(patcher)))
 
 
 def model_facts(patcher, noise_shape):
@@ -68,7 +111,11 @@ def loaded_bytes(patcher) -> int:
 
 
 def release(patcher) -> list[str]:
-    """Unload this patcher (and only it) from ComfyUI's loaded models, so nothing of ours stays loaded."""
+    """Free this patcher's device memory (and only its): a dynamic one pages its weights out and keeps its
+    pinned host copy; a legacy one is unloaded from ComfyUI's loaded models. Returns the names unloaded."""
+    if release_method(is_dynamic(patcher)) == "page out, keep pins":
+        patcher.partially_unload(patcher.load_device, 1e30)
+        return [model_name(patcher)]
     management = model_management()
     others = [entry for entry in management.current_loaded_models if entry.model is not patcher]
     ours = len(management.current_loaded_models) - len(others)

@@ -1,15 +1,25 @@
 """What counts as out of memory on this host, and freeing memory after one."""
 from __future__ import annotations
 
+from .. import decisions
 from .host import model_management
 from .models import model_name
 
 
 def is_out_of_memory(error: BaseException) -> bool:
+    """What this host counts as out of memory: its own model_management.is_oom where it has one (v0.15+:
+    torch.AcceleratorError with CUDA's out-of-memory code counts), else the OOM exception types and the
+    same AcceleratorError rule. Never an interrupt."""
     import torch
     management = model_management()
-    return isinstance(error, (torch.OutOfMemoryError, management.OOM_EXCEPTION)) and not isinstance(
-        error, management.InterruptProcessingException)
+    host_is_oom = getattr(management, "is_oom", None)
+    host_says = None
+    if host_is_oom is not None and not isinstance(error, management.InterruptProcessingException):
+        host_says = bool(host_is_oom(error))
+    return decisions.is_out_of_memory(error, oom_types=(torch.OutOfMemoryError, management.OOM_EXCEPTION),
+                                      interrupt_type=management.InterruptProcessingException,
+                                      accelerator_error_type=getattr(torch, "AcceleratorError", None),
+                                      host_says=host_says)
 
 
 def free_after_oom() -> None:

@@ -1,8 +1,9 @@
 """Pick GPU: the devices ComfyUI uses, and MODEL/CLIP/VAE clones placed on a device."""
 from __future__ import annotations
 
-from .host import model_management
-from .models import is_dynamic
+from ..decisions import placement_route
+from .host import features, model_management
+from .models import is_dynamic, model_name
 from .use import offloads_after_use, watch_use
 
 
@@ -30,44 +31,46 @@ def native_placement(patcher) -> str | None:
 
 def place_model(model, device: str):
     """A clone of a MODEL that loads on `device`; the incoming MODEL keeps its devices."""
-    import torch
-    target = torch.device(device)
-    _refuse_dynamic_move(model, target)
-    placed = model.clone()
-    _set_devices(placed, target)
-    return placed
+    return placed_patcher(model, device)
 
 
 def place_clip(clip, device: str):
-    """A copy of a CLIP whose text encoder loads on `device` (v0.12 sets its execution device from it)."""
-    import torch
-    target = torch.device(device)
-    _refuse_dynamic_move(clip.patcher, target)
-    placed = watch_use(clip, "CLIP", offloads_after_use(clip, "CLIP"))  # one clone, of the incoming patcher
-    _set_devices(placed.patcher, target)
-    return placed
+    """A copy of a CLIP whose text encoder loads on `device` (v0.12+ sets its execution device from it)."""
+    placed = placed_patcher(clip.patcher, device)
+    return watch_use(clip, "CLIP", offloads_after_use(clip, "CLIP"), patcher=placed)
 
 
 def place_vae(vae, device: str):
     """A copy of a VAE that loads on `device`: its patcher (a clone) and vae.device, which encode/decode move
     inputs to."""
     import torch
-    target = torch.device(device)
-    _refuse_dynamic_move(vae.patcher, target)
-    placed = watch_use(vae, "VAE", offloads_after_use(vae, "VAE"))
-    _set_devices(placed.patcher, target)
-    placed.device = target
+    placed = watch_use(vae, "VAE", offloads_after_use(vae, "VAE"), patcher=placed_patcher(vae.patcher, device))
+    placed.device = torch.device(device)
     return placed
 
 
-def _set_devices(patcher, target) -> None:
+def placed_patcher(patcher, device: str):
+    """A clone of `patcher` whose load device is `device`, made the way the host can (memory.decisions.
+    placement_route): a legacy clone retargeted; a dynamic one as ComfyUI's own Select Device nodes make it
+    (a legacy twin for the CPU, a deep clone with its own weights on another GPU); or a ValueError saying
+    why not and what to change."""
     import torch
-    patcher.load_device = target
-    patcher.offload_device = torch.device("cpu")  # off a GPU the weights wait in RAM; on the CPU they stay
-
-
-def _refuse_dynamic_move(patcher, target) -> None:
-    if is_dynamic(patcher) and patcher.load_device != target:
-        raise ValueError(f"ComfyUI's dynamic VRAM (--fast dynamic_vram) pages this model's weights on "
-                         f"{patcher.load_device} only and cannot move it to {target}; start ComfyUI without "
-                         "--fast dynamic_vram to choose devices per model, or one ComfyUI per GPU (--cuda-device N)")
+    target = torch.device(device)
+    route = placement_route(features(), is_dynamic(patcher), str(patcher.load_device), str(target))
+    if route.how == "refuse":
+        raise ValueError(route.message)
+    try:
+        if route.how == "legacy twin":
+            placed = patcher.clone(disable_dynamic=True)
+        elif route.how == "deep clone":
+            placed = patcher.deepclone_multigpu(new_load_device=target)
+            placed.register_load_device(target)
+        else:
+            placed = patcher.clone()
+    except RuntimeError as error:  # ComfyUI's reason: a loader that cannot load the weights again, say
+        raise ValueError(f"cannot place {model_name(patcher)} on {target}: {error}") from None
+    if route.how in ("retarget", "legacy twin"):
+        placed.load_device = target
+        # off a GPU the weights wait in RAM; on the CPU they stay
+        placed.offload_device = target if route.how == "legacy twin" else torch.device("cpu")
+    return placed

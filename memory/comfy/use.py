@@ -12,9 +12,10 @@ _ENTRY_POINTS = {"CLIP": {"encode_from_tokens_scheduled": "text encode", "encode
                          "encode_tiled": "VAE encode"}}
 
 
-def watch_use(clip_or_vae, kind: str, offload: bool):
+def watch_use(clip_or_vae, kind: str, offload: bool, patcher=None):
     """A copy of a CLIP or VAE whose every use is a stage of the Memory Report, and which unloads itself
-    from its device as soon as a use has finished when `offload` is set.
+    from its device as soon as a use has finished when `offload` is set. `patcher`: the copy's patcher, a
+    clone of the incoming one that Pick GPU placed (it may hold its own module); default a plain clone.
 
     The methods are wrapped on the copy only (an instance we own), never on the class; the copy
     gets its own patcher clone so releasing it leaves the incoming object's loaded state alone.
@@ -29,11 +30,14 @@ def watch_use(clip_or_vae, kind: str, offload: bool):
     log = logging.getLogger("headroom")
     if kind == "CLIP":
         user = clip_or_vae.clone()
+        if patcher is not None:
+            user.patcher, user.cond_stage_model = patcher, patcher.model
     else:
         user = copy.copy(clip_or_vae)  # v0.3.64's VAE has no clone(); its state is the patcher
         for name in after_use_entry_points(clip_or_vae, kind):
             delattr(user, name)  # an earlier watch_use's wrappers call the copy they were made for
-        user.patcher = clip_or_vae.patcher.clone()
+        user.patcher = patcher if patcher is not None else clip_or_vae.patcher.clone()
+        user.first_stage_model = user.patcher.model
     this_copy = weakref.ref(user)
     depth = [0]
     for name, stage_kind in _ENTRY_POINTS[kind].items():

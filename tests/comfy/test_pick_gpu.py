@@ -185,7 +185,7 @@ def test_composes_with_offload_model_in_both_orders_under_the_budget(comfy_nodes
     assert (record.outcome, record.device) == ("success", "cpu")
     assert record.measured_resident_bytes == max(residency)
     assert not has_headroom_hooks(model)
-    assert not any(has_headroom_hooks(patcher) for patcher in loaded_patchers())  # released after the run
+    assert loaded_patchers() == [combined]  # our clone stays loaded within its budget, as ComfyUI leaves any model
 
 
 @pytest.mark.parametrize("order", ["pick then offload", "offload then pick"])

@@ -5,11 +5,26 @@ from example_workflows import for_checkpoint, load_api_workflow
 from server import PromptRejected
 
 
-def offload_workflow(checkpoint_name, **offload_inputs):
+MB = 2 ** 20
+GB = 2 ** 30
+REPORT = "20"
+
+
+def offload_workflow(checkpoint_name, seed=42, **offload_inputs):
+    """The example workflow on the tiny model, with a Memory Report after the image: its sampling stage
+    carries the resident weight bytes the run measured (a new seed: nothing served from the cache)."""
     workflow = for_checkpoint(load_api_workflow("offload_model"), checkpoint_name,
                               without_text_encoder=True, steps=2, size=64)
     workflow["2"]["inputs"].update(offload_inputs)
+    workflow["6"]["inputs"]["seed"] = seed
+    workflow[REPORT] = {"class_type": "HeadroomMemoryReport", "inputs": {"value": ["7", 0]}}
     return workflow
+
+
+def sampling_stage(run) -> dict:
+    (report,) = run.outputs(REPORT)["headroom_report"]
+    (stage,) = [stage for stage in report["stages"] if stage["kind"] == "sampling"]
+    return stage
 
 
 def test_object_info_lists_offload_model_with_tooltips(server):
@@ -22,19 +37,26 @@ def test_object_info_lists_offload_model_with_tooltips(server):
     assert info["output_name"] == ["MODEL", "CLIP", "VAE", "plan"]
 
 
-def test_offload_model_workflow_runs_under_a_budget(server, tiny_checkpoint):
-    run = server.run(offload_workflow(tiny_checkpoint.name, budget_gb=0.01, keep_free_gb=0.0))
+def test_offload_model_workflow_runs_under_a_budget_and_fills_it(server, tiny_checkpoint):
+    budget = int(0.01 * GB)
+    run = server.run(offload_workflow(tiny_checkpoint.name, seed=101, budget_gb=0.01, keep_free_gb=0.0))
     assert run.succeeded, run.error()
     plan = run.outputs("2")["text"][0]
     assert "resident weights <= 0.01 GB" in plan and "SD15" in plan
     assert len(run.outputs("8")["images"]) == 1
-    log = server.log_text()
-    assert "Headroom sampling: model=SD15 device=cpu outcome=success resident planned<=0.01 GB" in log
-    assert "Headroom offload: VAE moved off cpu after decode" in log
+    stage = sampling_stage(run)
+    # measured by the run (the most weight bytes ComfyUI held at any step), not planned: within the budget
+    # and filling a good part of it (the tiny UNet's largest module is 7 MB of its 52 MB)
+    assert 0 < stage["resident_bytes"] <= budget and stage["resident_bytes"] >= budget - 8 * MB, stage
+    assert stage["planned_ram_bytes"] > 0 and stage["outcome"] == "success"
+    unbudgeted = server.run(offload_workflow(tiny_checkpoint.name, seed=102, budget_gb=0.0, keep_free_gb=0.0))
+    assert unbudgeted.succeeded, unbudgeted.error()
+    assert sampling_stage(unbudgeted)["resident_bytes"] > budget  # the budget is what held it down
 
 
 def test_sampler_custom_advanced_runs_under_the_budget(server, tiny_checkpoint):
-    workflow = offload_workflow(tiny_checkpoint.name, budget_gb=0.02, keep_free_gb=0.0)
+    budget = int(0.02 * GB)
+    workflow = offload_workflow(tiny_checkpoint.name, seed=103, budget_gb=0.02, keep_free_gb=0.0)
     del workflow["6"]
     workflow.update({
         "10": {"class_type": "RandomNoise", "inputs": {"noise_seed": 7}},
@@ -48,10 +70,10 @@ def test_sampler_custom_advanced_runs_under_the_budget(server, tiny_checkpoint):
                                                                   "latent_image": ["5", 0]}},
     })
     workflow["7"]["inputs"]["samples"] = ["14", 0]
-    before = server.log_text().count("Headroom sampling:")
     run = server.run(workflow)
     assert run.succeeded, run.error()
-    assert server.log_text().count("Headroom sampling: model=SD15 device=cpu outcome=success") > before
+    stage = sampling_stage(run)
+    assert stage["node_type"] == "SamplerCustomAdvanced" and 0 < stage["resident_bytes"] <= budget, stage
 
 
 def test_budget_and_keep_free_together_fail_naming_the_inputs_and_the_next_prompt_runs(server, tiny_checkpoint):
@@ -60,7 +82,7 @@ def test_budget_and_keep_free_together_fail_naming_the_inputs_and_the_next_promp
     error = run.error()
     assert error["node_type"] == "HeadroomOffloadModel"
     assert "set either budget_gb" in error["exception_message"] and "keep_free_gb" in error["exception_message"]
-    again = server.run(offload_workflow(tiny_checkpoint.name))
+    again = server.run(offload_workflow(tiny_checkpoint.name, seed=104))
     assert again.succeeded, again.error()
 
 

@@ -11,28 +11,28 @@ SDXL = ModelFacts(weight_bytes=int(4.8 * GB), activation_bytes_batched=2 * GB, a
 CARD_8GB = DeviceFacts("cuda:0", total_bytes=8 * GB, free_bytes=7 * GB)
 
 
-@pytest.mark.parametrize("budget, device, loaded, resident, split", [
+@pytest.mark.parametrize("budget, device, resident, split", [
     # no budget: ComfyUI decides
-    (Budget(), CARD_8GB, 0, None, False),
+    (Budget(), CARD_8GB, None, False),
     # a cap below the weights: resident = cap; 7 GB free - 2 GB resident leaves room for batched activations
-    (Budget(weights_cap_bytes=2 * GB), CARD_8GB, 0, 2 * GB, False),
+    (Budget(weights_cap_bytes=2 * GB), CARD_8GB, 2 * GB, False),
     # a cap above the weights: resident = all weights
-    (Budget(weights_cap_bytes=6 * GB), CARD_8GB, 0, int(4.8 * GB), False),
+    (Budget(weights_cap_bytes=6 * GB), CARD_8GB, int(4.8 * GB), False),
     # a cap that leaves room for one activation only: split cond/uncond
-    (Budget(weights_cap_bytes=int(5.5 * GB)), DeviceFacts("cuda:0", 8 * GB, int(6.6 * GB)), 0, int(4.8 * GB), True),
+    (Budget(weights_cap_bytes=int(5.5 * GB)), DeviceFacts("cuda:0", 8 * GB, int(6.6 * GB)), int(4.8 * GB), True),
     # keep 1 GB free with 7 GB free: 6 GB usable >= 4.8 + 2 -> no? 6 < 6.8: resident 4 GB, batched
-    (Budget(keep_free_bytes=1 * GB), CARD_8GB, 0, 4 * GB, False),
+    (Budget(keep_free_bytes=1 * GB), CARD_8GB, 4 * GB, False),
     # keep 0.2 GB free on an empty 8 GB card (7.5 free): 7.3 usable >= 6.8: everything resident
-    (Budget(keep_free_bytes=int(0.2 * GB)), DeviceFacts("cuda:0", 8 * GB, int(7.5 * GB)), 0, int(4.8 * GB), False),
+    (Budget(keep_free_bytes=int(0.2 * GB)), DeviceFacts("cuda:0", 8 * GB, int(7.5 * GB)), int(4.8 * GB), False),
     # keep 5.5 GB free: 1.5 GB usable < 2 GB batched activations: split, 0.5 GB resident
-    (Budget(keep_free_bytes=int(5.5 * GB)), CARD_8GB, 0, int(0.5 * GB), True),
+    (Budget(keep_free_bytes=int(5.5 * GB)), CARD_8GB, int(0.5 * GB), True),
     # keep 6.5 GB free: 0.5 GB usable < one activation: stream everything, split
-    (Budget(keep_free_bytes=int(6.5 * GB)), CARD_8GB, 0, 0, True),
-    # weights this model already holds count as usable: 3 GB free + 3 GB loaded - 1 GB kept = 5 GB
-    (Budget(keep_free_bytes=1 * GB), DeviceFacts("cuda:0", 8 * GB, 3 * GB), 3 * GB, 3 * GB, False),
+    (Budget(keep_free_bytes=int(6.5 * GB)), CARD_8GB, 0, True),
+    # the device's free bytes are what this model could use (3 GB free + its own 3 GB resident): 6 - 1 kept = 5 GB
+    (Budget(keep_free_bytes=1 * GB), DeviceFacts("cuda:0", 8 * GB, 6 * GB), 3 * GB, False),
 ])
-def test_plan_table(budget, device, loaded, resident, split):
-    plan = plan_sampling(budget, SDXL, device, loaded_bytes=loaded)
+def test_plan_table(budget, device, resident, split):
+    plan = plan_sampling(budget, SDXL, device)
     assert plan.resident_bytes == resident
     assert plan.split_cond_uncond is split
     assert plan.activation_bytes == (SDXL.activation_bytes_single if split else SDXL.activation_bytes_batched)

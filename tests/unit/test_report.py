@@ -6,7 +6,7 @@ import pytest
 
 from comfyui_headroom.memory.budget import GB
 from comfyui_headroom.memory.chart import COLOURS, HEIGHT, WIDTH, render_chart
-from comfyui_headroom.memory.report import BudgetLine, Journal, MemoryReport
+from comfyui_headroom.memory.report import BudgetLine, Journal, MemoryReport, PeakProbe
 
 ALLOCATION = 256 * 2 ** 20
 
@@ -118,3 +118,53 @@ def test_a_budget_far_above_every_bar_is_named_not_drawn_so_the_bars_keep_their_
     plot_bottom, plot_top = HEIGHT - 70, 64
     bar_top = ram[ram[:, 0] > 80][:, 0].min()
     assert bar_top < plot_bottom - (plot_bottom - plot_top) * 0.5  # 1 GB on an axis to ~1.1 GB, not to 22 GB
+
+
+class DeviceMemory:
+    """Readings of device memory outside torch's allocator, as NVML or comfy-aimdo give them: set by the test."""
+
+    def __init__(self):
+        self.now: dict[str, int] = {}
+
+    def __call__(self):
+        return dict(self.now) or None
+
+
+def test_a_stage_peak_is_the_largest_source_and_names_them_all():
+    nvml, aimdo = DeviceMemory(), DeviceMemory()
+    journal = Journal("p", probe=PeakProbe({"aimdo": aimdo, "nvml": nvml}))
+    with journal.stage("sampling", "SDXL", "cuda:0") as sampling:
+        aimdo.now = {"cuda:0": 3 * GB}  # the VBAR pages a step faulted in, invisible to torch
+        nvml.now = {"cuda:0": 3 * GB + 500 * 2 ** 20, "cuda:1": 1 * GB}
+        journal.sample()  # a step ends: the hook samples
+        aimdo.now, nvml.now = {"cuda:0": GB}, {"cuda:0": GB}  # paged out again before the stage ends
+    assert sampling.vram_peaks == {"aimdo": 3 * GB, "nvml": 3 * GB + 500 * 2 ** 20}  # no CUDA here: no torch peak
+    assert sampling.vram_sources == ["aimdo", "nvml"]
+    assert sampling.peak_vram_bytes == 3 * GB + 500 * 2 ** 20  # the largest, not the sum
+    assert "[aimdo:3.00GB,nvml:3.49GB]" in sampling.line()
+    report = MemoryReport.of(journal)
+    assert "peak VRAM 3.49 GB (sources: aimdo, nvml; torch alone is a lower bound)" in report.describe()
+    assert report.to_dict()["stages"][0]["vram_sources"] == ["aimdo", "nvml"]
+
+
+def test_a_nested_stages_vram_peak_reaches_its_outer_stage_and_a_spike_before_a_stage_stays_out():
+    nvml = DeviceMemory()
+    journal = Journal("p", probe=PeakProbe({"nvml": nvml}))
+    nvml.now = {"cuda:0": 9 * GB}
+    journal.probe.sample()  # before any stage: belongs to none
+    nvml.now = {"cuda:0": GB}
+    with journal.stage("tiles", "Tiled Inpaint", "cuda:0") as tiles:
+        with journal.stage("sampling", "SD15", "cuda:0") as inner:
+            nvml.now = {"cuda:0": 4 * GB}
+            journal.sample()
+            nvml.now = {"cuda:0": 2 * GB}
+        with journal.stage("VAE decode", "VAE", "cuda:0") as sibling:
+            pass
+    assert (inner.peak_vram_bytes, tiles.peak_vram_bytes, sibling.peak_vram_bytes) == (4 * GB, 4 * GB, 2 * GB)
+
+
+def test_without_readers_a_cpu_stage_has_no_vram_figures():
+    journal = Journal("p", probe=PeakProbe({"nvml": lambda: None}))
+    with journal.stage("sampling", "SD15", "cpu") as stage:
+        journal.sample()
+    assert (stage.peak_vram_bytes, stage.vram_peaks, stage.vram_sources) == (None, {}, [])
