@@ -423,9 +423,11 @@ def test_sliced_attention_auto_takes_the_activation_memory_the_budget_planned(co
     budgeted = offload(comfy_nodes, sliced(comfy_nodes, tiny_model, target_mb=0), budget_bytes=8 * MB)
     caplog.set_level(logging.DEBUG, logger="headroom")
     sample_watching_residency(budgeted[0], steps=1)
-    planned = tiny_model.memory_required([2, 4, 8, 8])  # cond + uncond of one 64x64 latent
-    mb = comfy_host.pack_module("memory.attention")._mb
-    assert set(attention_targets(caplog)) == {mb(planned).replace(" ", "")}
+    planned_mb = tiny_model.memory_required([2, 4, 8, 8]) / MB  # ComfyUI's estimate: cond + uncond, one 64x64 latent
+    targets = set(attention_targets(caplog))
+    assert len(targets) == 1 and targets.pop().endswith("MB")
+    (target_mb,) = {float(target[:-2]) for target in attention_targets(caplog)}
+    assert abs(target_mb - planned_mb) <= 0.01 * planned_mb  # the log prints 3 significant digits
 
 
 def test_the_ladder_halves_sliced_attention_chunks(comfy_nodes, tiny_model, caplog):
