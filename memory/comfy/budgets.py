@@ -47,17 +47,21 @@ def bounded_load(patcher, limit_bytes: int):
         excess = loaded_bytes(patcher) - limit_bytes
         if excess > 0:  # weights resident without a loaded-model entry (loaded by hand): page them out
             patcher.partially_unload(patcher.offload_device, excess)
-    class_method = patcher.partially_load  # the class's, bound to this patcher
+    own = vars(patcher).get("partially_load")  # another extension's, set on this object: kept and restored
+    unbounded = patcher.partially_load  # that one, or the class's bound to this patcher
 
     def partially_load(device_to, extra_memory=0, *args, **kwargs):
         room = max(0, limit_bytes - loaded_bytes(patcher))
-        return class_method(device_to, min(extra_memory, room), *args, **kwargs)
+        return unbounded(device_to, min(extra_memory, room), *args, **kwargs)
 
     patcher.partially_load = partially_load
     try:
         yield
     finally:
-        del patcher.partially_load
+        if own is None:
+            del patcher.partially_load
+        else:
+            patcher.partially_load = own
 
 
 def after_load(patcher, limit_bytes: int, cap_faults: bool) -> None:

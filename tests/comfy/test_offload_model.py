@@ -139,6 +139,7 @@ def test_the_budget_holds_at_every_load_and_step_is_filled_and_latents_are_bit_i
     assert record.planned_resident_bytes == min(budget, weights)
     assert record.measured_resident_bytes == max(residency)
     assert record.resident_after_loads == [resident for _, resident in loads]
+    assert "partially_load" not in vars(budgeted)  # the load's bound lasted as long as ComfyUI's load only
 
 
 def test_a_model_another_workflow_left_fully_loaded_is_brought_within_the_budget(comfy_nodes, tiny_model, baseline):
