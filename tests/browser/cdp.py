@@ -30,9 +30,11 @@ class Browser:
             raise BrowserError(f"{CHROMIUM} is missing: sudo apt-get install chromium")
         self.profile = pathlib.Path(tempfile.mkdtemp(prefix="headroom-chromium-"))
         self.process = subprocess.Popen(
+            # no background networking, QUIC, component updates or sync: a machine with a closed network
+            # refuses those connections by the dozen, and a test needs none of them
             [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--no-first-run", "--remote-debugging-port=0", f"--user-data-dir={self.profile}",
-             "about:blank"],
+             "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--remote-debugging-port=0", f"--user-data-dir={self.profile}", "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         import websocket  # websocket-client, from the host environment (not needed to find chromium)
         port = self._devtools_port()
@@ -130,11 +132,13 @@ class Browser:
     def type_text(self, text: str) -> None:
         self.send("Input.insertText", text=text)
 
-    def press(self, key: str, code: str, key_code: int, modifiers: int = 0) -> None:
-        """A key press; modifiers: 2 = Ctrl."""
-        for kind in ("keyDown", "keyUp"):
-            self.send("Input.dispatchKeyEvent", type=kind, key=key, code=code, windowsVirtualKeyCode=key_code,
-                      modifiers=modifiers)
+    def press(self, key: str, code: str, key_code: int, modifiers: int = 0, commands: tuple[str, ...] = ()) -> None:
+        """A key press; modifiers: 2 = Ctrl. commands: the editing commands the key means in a text field
+        (headless Chromium does not derive them from the keys, e.g. "selectAll" for Ctrl+A)."""
+        self.send("Input.dispatchKeyEvent", type="keyDown", key=key, code=code, windowsVirtualKeyCode=key_code,
+                  modifiers=modifiers, commands=list(commands))
+        self.send("Input.dispatchKeyEvent", type="keyUp", key=key, code=code, windowsVirtualKeyCode=key_code,
+                  modifiers=modifiers)
 
     def choose_file(self, path: pathlib.Path) -> None:
         """Answer the file chooser the page has opened with `path`."""

@@ -4,14 +4,14 @@
     python3 tests/browser/run.py --host all               # every pinned ComfyUI (or --host v0.3.64)
     python3 tests/browser/run.py --workflow force_gc --out DIR
 
-Needs Debian's Chromium (`sudo apt-get install chromium`); not part of the pytest
-suite. For each host it prepares ComfyUI exactly as the suite does (tests/support/hosts.py), starts
+Needs Debian's Chromium (`sudo apt-get install chromium`); the suite (tests/run.py) runs it on the
+newest host. For each host it prepares ComfyUI exactly as the suite does (tests/support/hosts.py), starts
 `main.py --cpu` with the pack and the generated checkpoints the workflow names, and drives
 /usr/bin/chromium over the DevTools protocol (tests/browser/cdp.py) through visible UI only:
-buttons found by their accessible label, the search box by its placeholder, tree items and tabs
-by their text, the keyboard, and the file chooser. It prints one line per check:
+buttons found by their text or accessible label, the search box by its placeholder, tree items and
+tabs by their text, the keyboard, and the file chooser. It prints one line per check:
 
-  node library  the "Node Library" sidebar button, "Headroom" typed into "Search Nodes...": every
+  node library  the "Node Library" sidebar button, "Headroom" typed into its search box: every
                 node /object_info puts in category Headroom is listed by its display name
   open workflow Ctrl+O (ComfyUI's "Open Workflow" shortcut) and the file chooser it opens get
                 workflows/<name>.json: its tab appears, no dialog (missing nodes or models) and no
@@ -64,8 +64,12 @@ def visible(selector: str, test: str = "true") -> str:
 
 
 def button(label: str) -> str:
-    """JS: the shown button whose accessible label starts with `label` (e.g. "Node Library (n)")."""
-    return visible("button", f"(e.getAttribute('aria-label') || '').startsWith({json.dumps(label)})")
+    """JS: the shown button that reads `label`, else the one whose accessible label starts with it (e.g.
+    "Node Library (n)" on an icon). What it reads comes first: newer frontends (v0.33) label the menu
+    arrow beside the Run button "Run", and the Run button itself only by its text."""
+    text = visible("button", f"e.innerText.trim().split('\\n')[0].trim() === {json.dumps(label)}")
+    labelled = visible("button", f"(e.getAttribute('aria-label') || '').startsWith({json.dumps(label)})")
+    return f"({text} || {labelled})"
 
 
 SHOWN_DIALOG = visible("[role=dialog]")
@@ -118,17 +122,29 @@ class Page:
 
 
 def check_node_library(page: Page, headroom_nodes: list[str]) -> str:
-    search_box = visible("input", "e.placeholder.startsWith('Search Nodes')")
+    # "Search Nodes..." in older frontends, "Search..." in the node library of newer ones (v0.33); not the
+    # search box of a dialog (the template browser has one too)
+    search_box = visible("input", "e.placeholder.startsWith('Search') && !e.closest('[role=dialog]')")
     page.click_until("the Node Library button", button("Node Library"), "the node search box", search_box)
-    page.click("the node search box", search_box)
-    page.browser.type_text("Headroom")
 
     def listed():
         return page.browser.evaluate(
             "[...document.querySelectorAll('[role=treeitem]')].filter(e => e.getClientRects().length)"
             ".map(e => e.innerText.trim().split('\\n')[0].trim())")
 
-    page.wait_until("every Headroom node listed", lambda: set(headroom_nodes) <= set(listed()))
+    for attempt in range(3):
+        # a first-start dialog can open over the page while we type, taking the keys: a person closes
+        # it, selects what the search box holds (Ctrl+A) and types again
+        page.close_dialogs()
+        page.click("the node search box", search_box)
+        page.browser.press("a", "KeyA", 65, modifiers=2, commands=("selectAll",))
+        page.browser.type_text("Headroom")
+        try:
+            page.wait_until("every Headroom node listed", lambda: set(headroom_nodes) <= set(listed()), timeout=20)
+            break
+        except CheckFailed:
+            if attempt == 2 or not page.browser.evaluate(f"!!{SHOWN_DIALOG}"):
+                raise
     shot = page.screenshot("1-node-library.png")
     page.click("the Node Library button", button("Node Library"))  # closes the sidebar, leaves the search box
     return f"search 'Headroom' lists {', '.join(headroom_nodes)} ({shot})"
@@ -157,6 +173,17 @@ def check_run(page: Page, server) -> str:
     page.close_dialogs()
     started = time.monotonic()
     page.click("the Run button", button("Run"))
+
+    def queued():
+        queue = server.get("/queue")
+        if queue["queue_running"] or queue["queue_pending"] or server.get("/history"):
+            return True
+        dialog = page.browser.evaluate(f"({SHOWN_DIALOG})?.innerText")
+        if dialog:  # the frontend shows a prompt the server refused as a dialog
+            raise CheckFailed(f"a dialog opened: {dialog[:400]!r}")
+
+    # fails fast when the click queued nothing, instead of waiting for the whole run's time-out
+    page.wait_until("the prompt queued after clicking Run", queued, timeout=60)
 
     def finished():
         records = list(server.get("/history").values())

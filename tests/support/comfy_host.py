@@ -45,20 +45,18 @@ def import_comfyui():
     return nodes
 
 
-def custom_nodes_folder(with_test_nodes: bool = True) -> pathlib.Path:
-    """A custom_nodes folder holding the pack (as ComfyUI-Headroom) and the test-only nodes."""
+def custom_nodes_folder() -> pathlib.Path:
+    """A custom_nodes folder holding the pack (as ComfyUI-Headroom)."""
     folder = pathlib.Path(tempfile.mkdtemp(prefix="headroom-custom-nodes-"))
     # kept for the life of the process: the pack's lazy imports resolve through this path
     atexit.register(shutil.rmtree, folder, True)
     (folder / PACK_FOLDER_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
-    if with_test_nodes:
-        (folder / "headroom_test_nodes").symlink_to(SUPPORT_DIR / "comfy_test_nodes", target_is_directory=True)
     return folder
 
 
 def load_pack(nodes_module) -> None:
     """Load the pack into the in-process ComfyUI exactly as ComfyUI's start-up does."""
-    folder = custom_nodes_folder(with_test_nodes=False)
+    folder = custom_nodes_folder()
     loaded = asyncio.run(nodes_module.load_custom_node(str(folder / PACK_FOLDER_NAME)))
     if not loaded:
         raise RuntimeError("ComfyUI failed to load the pack; see the log above")

@@ -23,6 +23,9 @@ import uuid
 SUPPORT_DIR = pathlib.Path(__file__).resolve().parent
 REPO_ROOT = SUPPORT_DIR.parents[1]
 PACK_FOLDER_NAME = "ComfyUI-Headroom"
+# Hidden (a leading dot): ComfyUI-Manager's node scanner skips such folders, so it never credits the
+# pack with these test-only nodes.
+TEST_NODES_DIR = SUPPORT_DIR / ".comfy_test_nodes"
 
 
 class PromptRejected(Exception):
@@ -42,7 +45,9 @@ def _free_port() -> int:
 class ComfyServer:
     def __init__(self, comfyui_dir: pathlib.Path, python: str = sys.executable,
                  checkpoints: list[pathlib.Path] = (), with_pack: bool = True, with_test_nodes: bool = True,
-                 cpu: bool = True, extra_args: list[str] = ()):
+                 cpu: bool = True, extra_args: list[str] = (), custom_nodes: pathlib.Path | None = None):
+        """custom_nodes: a custom_nodes folder to load as it is (one a user or ComfyUI-Manager installed
+        into) instead of one holding the pack and the test-only nodes."""
         self.comfyui_dir = pathlib.Path(comfyui_dir)
         self.python = python
         self.base_dir = pathlib.Path(tempfile.mkdtemp(prefix="headroom-comfyui-"))
@@ -51,13 +56,15 @@ class ComfyServer:
         self.client_id = uuid.uuid4().hex
         self.log_path = self.base_dir / "server.log"
         self.process: subprocess.Popen | None = None
-        custom_nodes = self.base_dir / "custom_nodes"
-        custom_nodes.mkdir()
-        if with_pack:
-            (custom_nodes / PACK_FOLDER_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
-        if with_test_nodes:
-            (custom_nodes / "headroom_test_nodes").symlink_to(SUPPORT_DIR / "comfy_test_nodes",
-                                                              target_is_directory=True)
+        if custom_nodes is not None:
+            (self.base_dir / "custom_nodes").symlink_to(custom_nodes, target_is_directory=True)
+        else:
+            folder = self.base_dir / "custom_nodes"
+            folder.mkdir()
+            if with_pack:
+                (folder / PACK_FOLDER_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
+            if with_test_nodes:
+                (folder / "headroom_test_nodes").symlink_to(TEST_NODES_DIR, target_is_directory=True)
         checkpoint_dir = self.base_dir / "models" / "checkpoints"
         checkpoint_dir.mkdir(parents=True)
         for checkpoint in checkpoints:
