@@ -26,7 +26,8 @@ from hosts import HostError, cache_root, prepare_hosts  # noqa: E402
 
 
 def run_pytest(label: str, python: pathlib.Path, paths: list[str], env: dict, extra: list[str]) -> dict:
-    report = cache_root() / "reports" / f"{label}.xml"
+    # one report per run of this script: two suites running at once never count each other's tests
+    report = cache_root() / "reports" / f"{os.getpid()}-{label}.xml"
     report.parent.mkdir(parents=True, exist_ok=True)
     report.unlink(missing_ok=True)
     # -P and a neutral working directory: the pack's nodes/ folder must never shadow ComfyUI's `nodes`
@@ -43,6 +44,7 @@ def run_pytest(label: str, python: pathlib.Path, paths: list[str], env: dict, ex
             counts["passed"] += tests - skipped - failed
             counts["failed"] += failed
             counts["skipped"] += skipped
+        report.unlink()
     if returncode not in (0, 1) or (returncode == 1 and counts["failed"] == 0):
         counts["failed"] += 1  # pytest itself broke (collection, usage, no tests): count it as a failure
         print(f"[suite] {label}: pytest exited with {returncode}", flush=True)

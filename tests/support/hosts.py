@@ -199,7 +199,7 @@ def _base_python() -> str:
     raise HostError("the test environments need CPython 3.11 (python3.11 on PATH); none was found")
 
 
-def _pip(python: pathlib.Path, *args: str) -> None:
+def pip_install(python: pathlib.Path, *args: str) -> None:
     # --isolated: ignore this machine's pip configuration, whose local wheel folder holds a
     # CPU-only torch build that cannot load the registry's torchvision.
     cert = ["--cert", str(SYSTEM_CA_BUNDLE)] if SYSTEM_CA_BUNDLE.exists() else []
@@ -247,7 +247,7 @@ def ensure_torch_env(host: Host) -> pathlib.Path:
         print(f"[hosts] creating the torch {host.torch_version} environment in {env_dir}", flush=True)
         shutil.rmtree(env_dir, ignore_errors=True)
         subprocess.run([_base_python(), "-m", "venv", str(env_dir)], check=True)
-        _pip(_python_of(env_dir), "-c", str(host.constraints), *host.torch)
+        pip_install(_python_of(env_dir), "-c", str(host.constraints), *host.torch)
         modules = ", ".join(pin.split("==", 1)[0] for pin in host.torch)
         check = subprocess.run([str(_python_of(env_dir)), "-c", f"import {modules}"])
         if check.returncode != 0:
@@ -290,7 +290,7 @@ def ensure_host_env(host: Host, checkout: pathlib.Path) -> pathlib.Path:
     (_site_packages(python) / "headroom_shared_torch.pth").write_text(
         str(_site_packages(_python_of(torch_env))) + "\n")
     # the pack's own requirements.txt too, as ComfyUI Manager installs it
-    _pip(python, "-c", str(host.constraints), "-r", str(PACK_REQUIREMENTS), *requirements, *HOST_RUNTIME_EXTRAS,
+    pip_install(python, "-c", str(host.constraints), "-r", str(PACK_REQUIREMENTS), *requirements, *HOST_RUNTIME_EXTRAS,
          *TEST_TOOLS)
     modules = ", ".join(pin.split("==", 1)[0] for pin in host.torch)
     check = subprocess.run([str(python), "-c", f"import {modules}, aiohttp, pytest; "

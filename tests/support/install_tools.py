@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 
-from hosts import SYSTEM_CA_BUNDLE, cache_root
+from hosts import HostError, cache_root, pip_install
 
 REQUIREMENTS = pathlib.Path(__file__).resolve().parents[1] / "tools" / "requirements.txt"
 TORCH_PACKAGES = ("torch", "torchvision", "torchaudio")
@@ -34,12 +34,10 @@ def tools_env() -> pathlib.Path:
     print(f"[tools] creating the tools environment in {env_dir}", flush=True)
     shutil.rmtree(env_dir, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)
-    # --isolated: this machine's pip configuration points at local wheel folders meant for the hosts
-    cert = ["--cert", str(SYSTEM_CA_BUNDLE)] if SYSTEM_CA_BUNDLE.exists() else []
-    command = [str(env_dir / "bin" / "python"), "-m", "pip", "install", "--isolated", "--disable-pip-version-check",
-               "-q", *cert, "-r", str(REQUIREMENTS)]
-    if subprocess.run(command).returncode != 0:
-        raise ToolsError(f"pip failed ({' '.join(command)}); see its output above")
+    try:
+        pip_install(env_dir / "bin" / "python", "-r", str(REQUIREMENTS))
+    except HostError as error:
+        raise ToolsError(str(error)) from None
     pulled = [name for name in TORCH_PACKAGES if _installed(env_dir, name)]
     if pulled:
         raise ToolsError(f"the tools pulled in {', '.join(pulled)} ({REQUIREMENTS}); pin what pulls it to a release "
