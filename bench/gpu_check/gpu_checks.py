@@ -59,8 +59,8 @@ class Sizes:
 GPU_SIZES = Sizes(sdxl_size=1024, sdxl_steps=20, flux_size=1024, flux_steps=8, flux_depth=(19, 38), flux_tokens=256,
                   oom_size=1024, oom_steps=4, vae_oom_size=4096, sliced_size=2048, sliced_steps=4,
                   inpaint_size=4096, inpaint_tile=512, inpaint_steps=4, inpaint_mask=512, inpaint_grow=16, small_size=512, small_steps=8)
-DRY_SIZES = Sizes(sdxl_size=64, sdxl_steps=2, flux_size=64, flux_steps=1, flux_depth=(1, 1), flux_tokens=8,
-                  oom_size=64, oom_steps=2, vae_oom_size=64, sliced_size=64, sliced_steps=1,
+DRY_SIZES = Sizes(sdxl_size=64, sdxl_steps=2, flux_size=64, flux_steps=2, flux_depth=(1, 1), flux_tokens=8,
+                  oom_size=64, oom_steps=2, vae_oom_size=64, sliced_size=64, sliced_steps=2,
                   inpaint_size=192, inpaint_tile=64, inpaint_steps=1, inpaint_mask=16, inpaint_grow=4, small_size=64, small_steps=2)
 
 
@@ -296,7 +296,7 @@ def sample(ctx: Context, patcher, family: shapes.Family, size: int, steps: int, 
     cuda = ctx.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(ctx.device)
-        torch.cuda.reset_peak_memory_stats(ctx.device)
+        _torch_peak(ctx.device, reset=True)
     started = time.perf_counter()
     latents = ctx.comfy_sample.sample(tracked, noise, steps, family.cfg, "euler", "normal", positive, negative, latent,
                                       callback=each_step, disable_pbar=True, seed=seed)
@@ -304,8 +304,19 @@ def sample(ctx: Context, patcher, family: shapes.Family, size: int, steps: int, 
         torch.cuda.synchronize(ctx.device)
     seconds = time.perf_counter() - started
     return Run(seconds, latents, loads, step_bytes, step_times, ctx.sampler.peak(started),
-               int(torch.cuda.max_memory_allocated(ctx.device)) if cuda else None,
-               residency_at_load, last.get("residency"))
+               _torch_peak(ctx.device) if cuda else None, residency_at_load, last.get("residency"))
+
+
+def _torch_peak(device, reset: bool = False) -> int | None:
+    """torch's allocated peak (a lower bound: VBAR pages are not torch's); None where the allocator backend
+    (cudaMallocAsync, ComfyUI's default on cu130) does not keep it."""
+    try:
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+            return None
+        return int(torch.cuda.max_memory_allocated(device))
+    except RuntimeError:
+        return None
 
 
 @contextlib.contextmanager
@@ -328,6 +339,14 @@ def math_only_attention(ctx: Context):
         backends.enable_mem_efficient_sdp(saved[1])
         if hasattr(backends, "enable_cudnn_sdp"):
             backends.enable_cudnn_sdp(saved[2])
+
+
+def step_ratio(capped: Run, uncapped: Run) -> float | None:
+    """Median seconds per step, capped over uncapped: the steady state a user sees image after image (loading
+    the model, which the uncapped run pays in full and the capped one in part, is not in it)."""
+    if capped.median_step_s is None or not uncapped.median_step_s:
+        return None
+    return capped.median_step_s / uncapped.median_step_s
 
 
 def relative_rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -365,16 +384,17 @@ def check_offload_sdxl(ctx: Context, out: Outcome) -> None:
     records = offload_records(patched4)
     planned = records[-1]["planned_resident_bytes"] if records else None
     out.figures["card_4gb"] = {**capped.summary(), "card": card.as_dict(), "records": records}
-    ratio = capped.seconds / uncapped.seconds
+    ratio = step_ratio(capped, uncapped)
     out.figures["ratio_card_4gb_to_uncapped"] = ratio
-    out.figures["ratio_budget_50_to_uncapped"] = half.seconds / uncapped.seconds
+    out.figures["ratio_budget_50_to_uncapped"] = step_ratio(half, uncapped)
+    out.figures["total_time_ratio_card_4gb_to_uncapped"] = capped.seconds / uncapped.seconds
     out.goal("completes on a 4 GB card", bool(records) and records[-1]["outcome"] == "success", "==", True)
     out.goal("peak process memory <= 4 GB card", card.peak_process_bytes, "<=", card.card_bytes)
     out.goal("resident <= 50 % budget at every load and step", max(half.loads + half.steps, default=0), "<=", budget)
     if planned is not None:
         out.goal("resident <= planned at every load and step (4 GB card)",
                  max(capped.loads + capped.steps, default=0), "<=", planned)
-    out.goal("time ratio 4 GB card / uncapped (anchors: diffusers model offload 1.41x, sequential 5.9x)",
+    out.goal("time per step, 4 GB card / uncapped (anchors: diffusers model offload 1.41x, sequential 5.9x)",
              ratio, "<=", 1.5)
 
 
@@ -394,12 +414,13 @@ def check_flux(ctx: Context, out: Outcome) -> None:
             patched, _, _ = ctx.offload(model)
             capped = sample(ctx, patched, family, s.flux_size, s.flux_steps)
         records = offload_records(patched)
-        ratio = capped.seconds / uncapped.seconds
+        ratio = step_ratio(capped, uncapped)
         out.figures[f"card_{gib}gb"] = {**capped.summary(), "card": card.as_dict(), "records": records,
-                                        "ratio_to_uncapped": ratio}
+                                        "ratio_to_uncapped": ratio,
+                                        "total_time_ratio_to_uncapped": capped.seconds / uncapped.seconds}
         out.goal(f"completes on a {gib} GB card", bool(records) and records[-1]["outcome"] == "success", "==", True)
         out.goal(f"peak process memory <= {gib} GB card", card.peak_process_bytes, "<=", card.card_bytes)
-        out.goal(f"time ratio {gib} GB card / uncapped (anchor: diffusers group offload 7.2x)", ratio, "<=", limit)
+        out.goal(f"time per step, {gib} GB card / uncapped (anchor: diffusers group offload 7.2x)", ratio, "<=", limit)
     ctx.drop("flux")
 
 
@@ -471,13 +492,14 @@ def check_sliced_attention(ctx: Context, out: Outcome) -> None:
         uncapped = sample(ctx, sliced, family, s.sliced_size, s.sliced_steps)
         with ctx.card(6) as card:
             capped = sample(ctx, sliced, family, s.sliced_size, s.sliced_steps)
-    ratio = capped.seconds / uncapped.seconds
+    ratio = step_ratio(capped, uncapped)
     out.figures.update(size=s.sliced_size, steps=s.sliced_steps, uncapped=uncapped.summary(), capped=capped.summary(),
                        card=card.as_dict(), ratio_to_uncapped=ratio,
+                       total_time_ratio_to_uncapped=capped.seconds / uncapped.seconds,
                        node_log=log.find("Headroom Sliced Attention")[:2])
     out.goal("completes on a 6 GB card", tuple(capped.latents.shape), "==", tuple(uncapped.latents.shape))
     out.goal("peak process memory <= 6 GB card", card.peak_process_bytes, "<=", card.card_bytes)
-    out.goal("time ratio 6 GB card / uncapped (both math-only, both sliced)", ratio, "<=", 1.15)
+    out.goal("time per step, 6 GB card / uncapped (both math-only, both sliced)", ratio, "<=", 1.15)
 
 
 def check_pick_gpu(ctx: Context, out: Outcome) -> None:
@@ -502,13 +524,13 @@ def check_pick_gpu(ctx: Context, out: Outcome) -> None:
     on_gpu = ctx.run_v3_node(ctx.node["PickGPU"], policy="by name", device=device_name, model=model)
     on_cpu = ctx.run_v3_node(ctx.node["PickGPU"], policy="by name", device="cpu", vae=vae)
     gpu_model, cpu_vae = on_gpu.args[0], on_cpu.args[2]
-    run = sample(ctx, gpu_model, family, s.small_size, s.small_steps)
+    size = s.small_size // 2  # the VAE decodes on the CPU, in the dtype it has for the GPU: keep it small
+    run = sample(ctx, gpu_model, family, size, s.small_steps)
     image = ctx.nodes.VAEDecode().decode(cpu_vae, {"samples": run.latents})[0]
     out.figures.update(model_device=str(gpu_model.load_device), vae_device=str(cpu_vae.patcher.load_device),
                        image_shape=list(image.shape), lines=[on_gpu.args[3], on_cpu.args[3]],
                        patcher_kind=type(gpu_model).__name__)
-    out.goal("MODEL on the GPU with the VAE on the CPU completes", list(image.shape)[1:3],
-             "==", [s.small_size, s.small_size])
+    out.goal("MODEL on the GPU with the VAE on the CPU completes", list(image.shape)[1:3], "==", [size, size])
     out.goal("the VAE ran on the CPU", str(cpu_vae.patcher.load_device), "==", "cpu")
 
 

@@ -131,6 +131,8 @@ def main() -> int:
         from gpu_checks import Context, checks_in_run_order, run_check
         from gpu_probes import Cards, MemorySampler, ProcessMemory
         nodes = comfy["nodes"]
+        import comfy.utils
+        comfy.utils.PROGRESS_BAR_ENABLED = False  # KSampler's and Tiled Inpaint's bars would fill the output
         comfy_host.load_pack(nodes)
         if options.dry_run:
             device, index = torch.device("cpu"), None

@@ -6,7 +6,7 @@ Builds `.gpu-payload/payload.tar.xz` and `.gpu-payload/manifest.json` (gpu_paylo
 them): slim source trees of the GPU hosts (checked out into the test cache like the suite's hosts), the
 Python 3.12 manylinux wheels of the packages they import that the machine lacks (downloaded from PyPI
 with `pip download --isolated`, cached in ${XDG_CACHE_HOME:-~/.cache}/comfyui-headroom/gpu-check/),
-and the manifest. The archive is cached by the hash of everything in it, so a second run only copies it.
+and the manifest. The archive is cached by the hash of what it is made of, so a second run only copies it.
 Prints the size; exits 1 when the payload is larger than --limit-mib.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
+import inspect
 import io
 import json
 import pathlib
@@ -109,6 +110,23 @@ def build_tar(checkouts: dict, wheels: dict[str, list[pathlib.Path]], scratch: p
     return buffer.getvalue(), contents
 
 
+def input_key(checkouts: dict, wheels: dict[str, list[pathlib.Path]]) -> str:
+    """What the archive is made of: the hosts' commits, the downloaded wheels and the rules that slim and pack
+    them (gpu_payload.py). The same key means the same archive, so a cached one is used without rebuilding."""
+    digest = hashlib.sha256(f"format {payload.FORMAT_VERSION}\n".encode())
+    rules = (payload.COMMON_WHEELS, payload.HOST_WHEELS, payload.WHEEL_DROPS, payload.SLIM_PACKAGES,
+             payload.SLIM_TOP_LEVEL_FILES)
+    digest.update(repr(rules).encode())
+    for function in (payload.slim_tree, payload.stored_wheel, payload.add_file, payload.add_tree, build_tar):
+        digest.update(inspect.getsource(function).encode())
+    for name, (commit, _) in sorted(checkouts.items()):
+        digest.update(f"{name} {commit}\n".encode())
+    for group, paths in sorted(wheels.items()):
+        for path in paths:
+            digest.update(f"{group} {path.name} {hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def prepare(out: pathlib.Path, limit_mib: float) -> dict:
     cache = gpu_check_cache()
     wheels_dir = cache / "wheels"
@@ -117,19 +135,23 @@ def prepare(out: pathlib.Path, limit_mib: float) -> dict:
     for name, requirements in payload.HOST_WHEELS.items():
         wheels[name] = [ensure_wheel(requirement, wheels_dir) for requirement in requirements]
     checkouts = gpu_host_checkouts()
-    with tempfile.TemporaryDirectory(prefix="headroom-gpu-payload-") as scratch:
-        tar_bytes, contents = build_tar(checkouts, wheels, pathlib.Path(scratch))
-    key = hashlib.sha256(tar_bytes + f"format {payload.FORMAT_VERSION}".encode()).hexdigest()
-    cached_archive = cache / f"payload-{key[:16]}.tar.xz"
-    if not cached_archive.exists():
+    key = input_key(checkouts, wheels)
+    cached_archive = cache / f"payload-{key}.tar.xz"
+    cached_contents = cache / f"payload-{key}.json"
+    if not (cached_archive.exists() and cached_contents.exists()):
+        with tempfile.TemporaryDirectory(prefix="headroom-gpu-payload-") as scratch:
+            tar_bytes, contents = build_tar(checkouts, wheels, pathlib.Path(scratch))
         print(f"[prepare] compressing {len(tar_bytes) / MIB:.1f} MiB with xz (once per content; a few minutes)",
               flush=True)
         partial = cached_archive.with_suffix(".part")
         partial.write_bytes(payload.compress(tar_bytes))
         partial.replace(cached_archive)
-        for stale in cache.glob("payload-*.tar.xz"):
-            if stale != cached_archive:
+        cached_contents.write_text(json.dumps({"contents": contents, "uncompressed_bytes": len(tar_bytes)}))
+        for stale in list(cache.glob("payload-*.tar.xz")) + list(cache.glob("payload-*.json")):
+            if stale not in (cached_archive, cached_contents):
                 stale.unlink()
+    described = json.loads(cached_contents.read_text())
+    contents, uncompressed = described["contents"], described["uncompressed_bytes"]
     archive_bytes = cached_archive.read_bytes()
     manifest = {
         "format": payload.FORMAT_VERSION,
@@ -141,7 +163,7 @@ def prepare(out: pathlib.Path, limit_mib: float) -> dict:
         "archive": payload.ARCHIVE_NAME,
         "archive_bytes": len(archive_bytes),
         "archive_sha256": payload.sha256_of(archive_bytes),
-        "uncompressed_bytes": len(tar_bytes),
+        "uncompressed_bytes": uncompressed,
         "contents": contents,
     }
     if out.exists():
@@ -151,7 +173,7 @@ def prepare(out: pathlib.Path, limit_mib: float) -> dict:
     (out / payload.MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     total = sum(path.stat().st_size for path in out.iterdir())
     manifest["payload_bytes"] = total
-    print(f"[prepare] {out}: {total / MIB:.2f} MiB ({len(tar_bytes) / MIB:.1f} MiB unpacked); limit {limit_mib:g} MiB")
+    print(f"[prepare] {out}: {total / MIB:.2f} MiB ({uncompressed / MIB:.1f} MiB unpacked); limit {limit_mib:g} MiB")
     for name, entry in contents["wheels"].items():
         note = f", without {', '.join(entry['left_out'])}" if "left_out" in entry else ""
         print(f"[prepare]   {entry['group']}: {entry['project']} {entry['version']}{note}")

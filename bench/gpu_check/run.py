@@ -11,13 +11,17 @@ gets an equal share of what is left of the budget (7.5 minutes by default); a ch
 fit its share is skipped and recorded as skipped. Prints each check's time, figures and goals; writes
 results.json and results.md (and one log per variant) into --out. Exits 1 when a check failed or erred.
 
-The dry run, on any machine without a GPU (the suite runs it on every pinned host):
+The dry run runs the same workers and checks on the CPU with tiny shapes. With the payload, in a Python 3.12
+like the GPU machine's (the same command plus --dry-run):
+
+    python3 bench/gpu_check/run.py --dry-run --out DIR
+
+and on one ComfyUI checkout, in this Python (the host's environment; the suite runs it on every pinned host),
+on a slim copy of DIR made by the same rule as the payload's trees:
 
     python3 bench/gpu_check/run.py --dry-run --host v0.33.0 --comfyui-dir DIR --out DIR
 
-runs the same workers and checks on the CPU with tiny shapes, in this Python (the host's environment), on a
-slim copy of DIR made by the same rule as the payload's trees, so neither the checks nor the slimming can rot
-between GPU loans.
+so neither the checks, the slimming nor the payload can rot between GPU loans.
 """
 from __future__ import annotations
 
@@ -128,6 +132,26 @@ def headline(check: dict) -> str:
     return "<br>".join(parts)
 
 
+def compact(summary: dict) -> str:
+    """One line per check, goals not met spelled out: what a terminal (or a device run's output tail) shows."""
+    lines = [f"GPU check: {summary['counts']}; {summary['seconds']:.0f} s of {summary['budget_s']:.0f} s"]
+    for variant in summary["variants"]:
+        if variant.get("error"):
+            lines.append(f"  {variant['variant']}: could not start ({variant['error'].strip().splitlines()[-1][:150]})")
+        for check in variant["checks"]:
+            seconds = f" {check['seconds']:.1f}s" if "seconds" in check else ""
+            detail = ""
+            if check["status"] == "skipped":
+                detail = f": {check.get('reason', '')}"
+            elif check["status"] == "error":
+                detail = ": " + headline(check)
+            else:
+                missed = [goal for goal in check.get("goals", []) if goal["met"] is False]
+                detail = "".join(f"; NOT MET {goal['name']}: {goal['figure']} ({goal['goal']})" for goal in missed)
+            lines.append(f"  {variant['variant']} {check['id']}: {check['status']}{seconds}{detail}"[:400])
+    return "\n".join(lines)
+
+
 def markdown(summary: dict) -> str:
     lines = [f"GPU check ({'dry run, CPU' if summary['dry_run'] else summary.get('gpu', 'GPU')}), "
              f"{summary['started']}: {summary['counts']}; {summary['seconds']:.0f} s of a "
@@ -165,9 +189,9 @@ def main() -> int:
     summary = {"dry_run": options.dry_run, "budget_s": options.budget_s,
                "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)), "variants": []}
 
-    if options.dry_run:
-        if not options.host or not options.comfyui_dir:
-            parser.error("--dry-run needs --host and --comfyui-dir")
+    if options.dry_run and options.comfyui_dir:
+        if not options.host:
+            parser.error("--dry-run with --comfyui-dir needs --host")
         slim_dir = options.scratch / "comfyui" / options.host
         import shutil
         shutil.rmtree(slim_dir, ignore_errors=True)
@@ -180,7 +204,7 @@ def main() -> int:
               f"(pack {manifest['pack_commit']})", flush=True)
         summary["payload"] = {key: manifest[key] for key in ("archive_sha256", "pack_commit", "unpack_seconds")}
         comfyui_dirs, sites = manifest["comfyui_dirs"], manifest["sites"]
-        variants = [variant for host in ("v0.33.0", "v0.12.1") for variant in variants_of(host, dry_run=False)]
+        variants = [variant for host in ("v0.33.0", "v0.12.1") for variant in variants_of(host, options.dry_run)]
     wanted_variants = [name for name in options.variants.split(",") if name]
     variants = [variant for variant in variants if not wanted_variants or variant["name"] in wanted_variants]
     wanted_checks = [name for name in options.checks.split(",") if name]
@@ -208,7 +232,7 @@ def main() -> int:
     (options.out / "results.md").write_text(table)
     for variant in summary["variants"]:
         (options.out / f"{variant['variant']}.json").unlink(missing_ok=True)  # merged into results.json
-    print(table, flush=True)
+    print(compact(summary), flush=True)  # the whole table is in results.md (a device run returns only the tail)
     failed = any(status in ("fail", "error") for status in statuses) or any(
         variant.get("error") for variant in summary["variants"])
     return 1 if failed else 0
