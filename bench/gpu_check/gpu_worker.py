@@ -123,14 +123,14 @@ def main() -> int:
     try:
         started_comfy = time.perf_counter()
         flags = options.flags.split()
-        comfy = start_comfyui(options.comfyui_dir.resolve(), flags)
+        comfyui = start_comfyui(options.comfyui_dir.resolve(), flags)
         # after ComfyUI's folder: tests/support has a server.py, and ComfyUI's `server` must win
         sys.path.extend([str(HERE), str(REPO_ROOT / "tests" / "support")])
         import comfy_host
         import torch
         from gpu_checks import Context, checks_in_run_order, run_check
         from gpu_probes import Cards, MemorySampler, ProcessMemory
-        nodes = comfy["nodes"]
+        nodes = comfyui["nodes"]
         import comfy.utils
         comfy.utils.PROGRESS_BAR_ENABLED = False  # KSampler's and Tiled Inpaint's bars would fill the output
         comfy_host.load_pack(nodes)
@@ -147,7 +147,7 @@ def main() -> int:
         sampler = MemorySampler(memory).start()
         cards = Cards(memory, sampler, index)
         ctx = Context(nodes, options.variant, options.dry_run, device, memory, sampler, cards)
-        results["setup"] = {**comfy["setup"], "memory_source": memory.source,
+        results["setup"] = {**comfyui["setup"], "memory_source": memory.source,
                             "start_seconds": round(time.perf_counter() - started_comfy, 2)}
         if options.dry_run and options.dynamic:
             results["setup"]["note"] = ("dry run: the dynamic variant runs the legacy ModelPatcher on the CPU "

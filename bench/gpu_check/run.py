@@ -100,8 +100,8 @@ def mark_missing(results: dict, wanted: list[str], dry_run: bool) -> None:
     from gpu_checks import CHECKS
     seen = {check["id"] for check in results["checks"]}
     order = {check.id: index for index, check in enumerate(CHECKS)}
-    reason = results.get("stopped") or results.get("error", "").splitlines()[0:1] or ["the worker ended early"]
-    reason = reason if isinstance(reason, str) else reason[0]
+    error_lines = [line.strip() for line in results.get("error", "").splitlines() if line.strip()]
+    reason = results.get("stopped") or (error_lines[-1] if error_lines else "the worker ended early")
     for check in CHECKS:
         if check.id not in seen and (not wanted or check.id in wanted):
             results["checks"].append({"id": check.id, "title": check.title, "status": "skipped",
