@@ -77,8 +77,9 @@ def run_worker(variant: dict, comfyui_dir: str, site: str | None, out: pathlib.P
             returncode = process.wait()
             stopped = f"stopped at the time budget ({time.time() - started:.0f} s)"
     results = json.loads(result_file.read_text()) if result_file.exists() else {
-        "variant": variant["name"], "host": variant["host"], "checks": [],
-        "error": f"the worker wrote no results (exit code {returncode})"}
+        "variant": variant["name"], "host": variant["host"], "checks": []}
+    if not result_file.exists() and not stopped:  # stopped by the budget is recorded as such, not as an error
+        results["error"] = f"the worker wrote no results (exit code {returncode})"
     results["exit_code"] = returncode
     results["wall_seconds"] = round(time.time() - started, 2)
     if stopped:
