@@ -2,9 +2,9 @@
 this host, on the CPU, through the same command a GPU machine runs; its payload is built and fits; and the
 payload carries every package ComfyUI's import path needs that the GPU machine lacks.
 
-Cost on this 2-core machine, per host: about 75 s for the dry run, 20 s for the budget case, 20 s for the import
-trace (GPU hosts); on the newest host also the payload build (15 s once the xz archive is cached, a few minutes
-the first time).
+Cost on this 2-core shared machine, per host: 30 s (quiet) to 75 s (busy) for the dry run, 8-20 s for the budget
+case, 6-20 s for the import trace (GPU hosts); on the newest host also the payload build (6-15 s once the xz
+archive is cached; about 4 CPU-minutes the first time).
 """
 import io
 import json
