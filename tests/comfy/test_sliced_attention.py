@@ -233,3 +233,25 @@ def test_delegated_methods_get_the_scale_as_the_model_passed_it(comfy_nodes, loa
     # what the host's own function makes of these arguments (on v0.33.0: the scaled attention)
     assert out.equal(host_function(q, k, v, GQA_HEADS, skip_reshape=True, scale=GQA_SCALE))
     assert [call["runner"] for call in attention_calls(caplog)] == [method]
+
+
+def test_a_keyword_the_chunks_do_not_know_runs_the_models_own_kernel_with_one_warning(
+        comfy_nodes, loaded_checkpoint, caplog):
+    import comfy.ldm.modules.attention as attention
+    model, _, _ = loaded_checkpoint
+    options = sliced(comfy_nodes, model, 1, "chunked").model_options["transformer_options"]
+    q, k, v, _ = gqa_inputs(False)
+    k, v = (t.repeat_interleave(GQA_HEADS // GQA_KV_HEADS, dim=1) for t in (k, v))
+
+    caplog.set_level(logging.DEBUG, logger="headroom")
+    outs = [attention.optimized_attention(q, k, v, GQA_HEADS, skip_reshape=True, transformer_options=options,
+                                          a_future_argument=True) for _ in range(2)]
+
+    # 1 MB could not hold this call's 2 MiB output: only the model's kernel can have run it
+    expected = attention.optimized_attention(q, k, v, GQA_HEADS, skip_reshape=True, a_future_argument=True)
+    assert all(out.equal(expected) for out in outs)
+    assert [(call["runner"], call["chunks"]) for call in attention_calls(caplog)] == [("model", "1")] * 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["Headroom Sliced Attention: attention called with a_future_argument, which Headroom's "
+                        "chunks do not implement; those calls run the model's own attention, not bounded by "
+                        "the target"]
