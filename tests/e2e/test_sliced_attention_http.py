@@ -28,7 +28,10 @@ def debug_server(tiny_checkpoint):
     comfy = ComfyServer(comfy_host.comfyui_dir(), checkpoints=[tiny_checkpoint],
                         extra_args=["--verbose", "DEBUG", "--cache-none"]).start()
     yield comfy
+    comfy.stop()
+    log = comfy.log_text()
     comfy.cleanup()
+    assert "Potential memory leak" not in log, "ComfyUI reported a leak:\n" + log[-4000:]
 
 
 def sliced_workflow(checkpoint_name, size=64, **sliced_inputs):

@@ -694,6 +694,23 @@ def test_override_honours_scale_and_grouped_heads_as_comfyui_passes_them(skip_re
     torch.testing.assert_close(out, to_tokens(expected), atol=TOLERANCE, rtol=TOLERANCE)
 
 
+def test_override_reads_heads_and_layout_given_as_keywords(chunk_rows):
+    # As WAN's image cross-attention calls it on v0.33.0: heads= as a keyword, with
+    # low_precision_attention=False (the chunks run at full precision anyway).
+    heads = 5
+    q, k, v = make_qkv(heads, CROSS_K_LEN)
+    func, records = CountingAttention(), []
+    plan = AttentionPlan(target_bytes=target_for_chunk(heads, CROSS_K_LEN, QUERY_CHUNK, fused=True),
+                         method="chunked")
+
+    out = make_attention_override(plan, on_call=records.append)(
+        func, *(to_tokens(t) for t in (q, k, v)), heads=heads, **COMFY_KWARGS)
+
+    assert func.calls == [] and chunk_rows == RAGGED_CHUNKS
+    assert [(r.runner, r.heads, r.unhandled) for r in records] == [("chunked", heads, ())]
+    torch.testing.assert_close(out, to_tokens(reference(q, k, v)), atol=TOLERANCE, rtol=TOLERANCE)
+
+
 def test_override_hands_a_grouped_call_that_fits_to_the_model_with_every_argument():
     heads, kv_heads = 8, 2
     q, k, v = make_qkv(heads, CROSS_K_LEN, kv_heads=kv_heads)
