@@ -7,7 +7,12 @@ next, and each chunk's output is written straight into one preallocated output t
 
 Pure torch and plain data: no ComfyUI imports. The override follows ComfyUI's calling
 convention (`transformer_options["optimized_attention_override"]`, `fn(func, *args, **kwargs)`)
-and reads the plan of the current sampling run from `transformer_options["headroom"]`.
+and reads the plan of the current sampling run from `transformer_options["headroom"]`. Newer
+hosts pass `scale=` (the softmax scale) and `enable_gqa=` (grouped-query attention: key/value
+with fewer heads than the query, each shared by a group of query heads, as `repeat_interleave`
+would give them); the chunks honour both. A call carrying any other keyword argument goes to
+the model's own kernel with every argument unchanged: the chunks cannot honour what they do
+not know.
 """
 from __future__ import annotations
 
@@ -48,16 +53,24 @@ MB = 2 ** 20
 # ComfyUI's attention functions take these positionally, in this order.
 _POSITIONAL_NAMES = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape",
                      "skip_output_reshape")
+# The keyword arguments the chunks honour besides those: ComfyUI's own bookkeeping, the
+# softmax scale, grouped-query attention, and SageAttention's precision hint (the chunks run at
+# full precision, which is what low_precision_attention=False asks for).
+HANDLED_KEYWORDS = frozenset({"transformer_options", "_inside_attn_wrapper", "scale",
+                              "enable_gqa", "low_precision_attention"})
 
 
 # --- memory estimate -------------------------------------------------------------------------
 
 def _fixed_and_row_bytes(batch: int, heads: int, q_len: int, k_len: int, head_dim: int,
-                         dtype_bytes: int, upcast_fp32: bool, fused: bool) -> tuple[int, int]:
+                         dtype_bytes: int, upcast_fp32: bool, fused: bool,
+                         kv_heads: Optional[int]) -> tuple[int, int]:
     score_bytes = FP32_BYTES if upcast_fp32 else dtype_bytes
-    # Whatever the chunk: the output, and [B, heads, N, dim] copies of key (fp32 when upcasting)
-    # and value, made once so no chunk copies them again.
-    fixed = batch * heads * head_dim * (q_len * dtype_bytes + k_len * (score_bytes + dtype_bytes))
+    kv_heads = heads if kv_heads is None else kv_heads
+    # Whatever the chunk: the output, and [B, kv_heads, N, dim] copies of key (fp32 when
+    # upcasting) and value, made once so no chunk copies them again.
+    fixed = batch * head_dim * (heads * q_len * dtype_bytes
+                                + kv_heads * k_len * (score_bytes + dtype_bytes))
     # Per query row: its query copy and output row; then either its scores and their softmax
     # (math), or a fused kernel's softmax statistics (running max and sum, fp32).
     scores = 2 * FP32_BYTES if fused else 2 * k_len * score_bytes
@@ -67,30 +80,32 @@ def _fixed_and_row_bytes(batch: int, heads: int, q_len: int, k_len: int, head_di
 
 def attention_transient_bytes(batch: int, heads: int, q_len: int, k_len: int, head_dim: int,
                               dtype_bytes: int, upcast_fp32: bool = False,
-                              query_chunk: Optional[int] = None, *, fused: bool = False) -> int:
+                              query_chunk: Optional[int] = None, *, fused: bool = False,
+                              kv_heads: Optional[int] = None) -> int:
     """Bytes one attention call allocates, run in chunks of `query_chunk` query rows (None:
     unchunked): output and key/value layout copies, plus one chunk's query copy, output rows
     and, for math attention, its scores and their softmax (fp32 when upcast is requested).
     A `fused` kernel (SDPA flash/memory-efficient) keeps per row only softmax statistics; its
-    per-thread tiles (well under 1 MB a thread) are not counted.
+    per-thread tiles (well under 1 MB a thread) are not counted. `kv_heads`: the heads of key
+    and value as the chunks read them (grouped-query attention; None: `heads`).
     """
     fixed, row = _fixed_and_row_bytes(batch, heads, q_len, k_len, head_dim, dtype_bytes,
-                                      upcast_fp32, fused)
+                                      upcast_fp32, fused, kv_heads)
     return fixed + (q_len if query_chunk is None else query_chunk) * row
 
 
 def smallest_chunk_bytes(batch: int, heads: int, q_len: int, k_len: int, head_dim: int,
                          dtype_bytes: int, upcast_fp32: bool = False, *,
-                         fused: bool = False) -> int:
+                         fused: bool = False, kv_heads: Optional[int] = None) -> int:
     """Transient bytes of the smallest possible chunk: one query row (all batches and heads)."""
     return attention_transient_bytes(batch, heads, q_len, k_len, head_dim, dtype_bytes,
-                                      upcast_fp32, query_chunk=1, fused=fused)
+                                      upcast_fp32, query_chunk=1, fused=fused, kv_heads=kv_heads)
 
 
 def query_chunk_size(target_bytes: float, batch: int, heads: int, q_len: int, k_len: int,
                      head_dim: int, dtype_bytes: int, upcast_fp32: bool = False,
                      target_name: str = "attention memory target", *,
-                     fused: bool = False) -> int:
+                     fused: bool = False, kv_heads: Optional[int] = None) -> int:
     """Largest number of query rows whose call fits `target_bytes` (at most `q_len`).
 
     Raises ValueError, naming the target `target_name`, when it is not a positive number or
@@ -98,12 +113,13 @@ def query_chunk_size(target_bytes: float, batch: int, heads: int, q_len: int, k_
     """
     _check_target(target_bytes, target_name)
     fixed, row = _fixed_and_row_bytes(batch, heads, q_len, k_len, head_dim, dtype_bytes,
-                                      upcast_fp32, fused)
+                                      upcast_fp32, fused, kv_heads)
     if target_bytes < fixed + row:
+        grouped = "" if kv_heads in (None, heads) else f" ({kv_heads} key/value heads)"
         raise ValueError(
             f"{target_name} {_mb(target_bytes)} is below the smallest possible chunk "
-            f"({_mb(fixed + row)} for one query row at this shape: batch {batch}, {heads} heads, "
-            f"{q_len} queries x {k_len} keys, head size {head_dim}); raise {target_name} "
+            f"({_mb(fixed + row)} for one query row at this shape: batch {batch}, {heads} heads"
+            f"{grouped}, {q_len} queries x {k_len} keys, head size {head_dim}); raise {target_name} "
             f"or lower the resolution or batch size")
     # The transient is linear in the query count, so one row's cost divides what is left.
     return min(q_len, int((target_bytes - fixed) // row))
@@ -141,11 +157,22 @@ class AttentionShape:
     q_len: int
     k_len: int
     head_dim: int
+    kv_heads: int  # heads of key and value: fewer than `heads` in grouped-query attention
+
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head."""
+        return self.heads // self.kv_heads
 
 
 def attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-                    skip_reshape: bool = False) -> AttentionShape:
-    """Read (and check) the attention shape from ComfyUI-layout q, k, v."""
+                    skip_reshape: bool = False, enable_gqa: bool = False) -> AttentionShape:
+    """Read (and check) the attention shape from ComfyUI-layout q, k, v.
+
+    With `enable_gqa`, key and value may have fewer heads than the query (a divisor of its
+    head count), as ComfyUI passes them: [B, kv_heads, N, dim] with `skip_reshape`, else
+    [B, N, kv_heads * dim].
+    """
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
         raise ValueError(f"attention head count must be a positive whole number, got {heads!r}")
     layout = "[batch, heads, tokens, head size]" if skip_reshape else "[batch, tokens, channels]"
@@ -157,20 +184,32 @@ def attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
         batch, q_heads, q_len, head_dim = q.shape
         if q_heads != heads:
             raise ValueError(f"attention query has {q_heads} heads but {heads} heads were given")
+        kv_heads, k_len = k.shape[1], k.shape[2]
     else:
         batch, q_len, channels = q.shape
         if channels % heads:
             raise ValueError(
                 f"attention query has {channels} channels, not divisible by {heads} heads")
         head_dim = channels // heads
-    k_len = k.shape[-2] if skip_reshape else k.shape[1]
+        k_len = k.shape[1]
+        # Key/value heads follow from their channels; with GQA they may be fewer.
+        kv_heads = k.shape[2] // head_dim if k.shape[2] % head_dim == 0 else heads
     if k.shape != v.shape:
         raise ValueError(f"attention key {list(k.shape)} and value {list(v.shape)} differ in shape")
-    expected_key = (batch, heads, k_len, head_dim) if skip_reshape else (batch, k_len, q.shape[2])
+    if not enable_gqa or kv_heads < 1:
+        kv_heads = heads
+    expected_key = ((batch, kv_heads, k_len, head_dim) if skip_reshape
+                    else (batch, k_len, kv_heads * head_dim))
     if tuple(k.shape) != expected_key:
+        hint = ("" if enable_gqa else
+                "; key/value with fewer heads than the query need enable_gqa=True")
         raise ValueError(f"attention key/value shape {list(k.shape)} does not match query shape "
-                         f"{list(q.shape)} (expected {list(expected_key)})")
-    return AttentionShape(batch, heads, q_len, k_len, head_dim)
+                         f"{list(q.shape)} (expected {list(expected_key)}){hint}")
+    if heads % kv_heads:
+        raise ValueError(f"attention query has {heads} heads, not a multiple of the {kv_heads} "
+                         f"key/value heads (enable_gqa shares each key/value head among a "
+                         f"whole number of query heads)")
+    return AttentionShape(batch, heads, q_len, k_len, head_dim, kv_heads)
 
 
 def _mask_4d(mask: torch.Tensor, shape: AttentionShape) -> torch.Tensor:
@@ -198,29 +237,45 @@ def _mask_4d(mask: torch.Tensor, shape: AttentionShape) -> torch.Tensor:
 # --- chunked attention -----------------------------------------------------------------------
 
 def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 mask: Optional[torch.Tensor] = None) -> str:
+                 mask: Optional[torch.Tensor] = None, *, enable_gqa: bool = False) -> str:
     """The kernel PyTorch's scaled_dot_product_attention picks for these [B, heads, N, dim]
     inputs: "flash_attention", "efficient_attention", "cudnn_attention", "math"... and "math"
     when torch cannot say, so that estimates built on the answer stay upper bounds."""
     try:
         from torch.nn.attention import SDPBackend
-        # SDPA's own dispatch decision: private, but present since torch 2.0.
-        return SDPBackend(torch._fused_sdp_choice(q, k, v, mask)).name.lower()
-    except (ImportError, AttributeError, RuntimeError, ValueError):
+        # SDPA's own dispatch decision: private, but present since torch 2.0 (enable_gqa since
+        # 2.5; an older torch raises TypeError and is answered "math").
+        extra = {"enable_gqa": True} if enable_gqa else {}
+        return SDPBackend(torch._fused_sdp_choice(q, k, v, mask, **extra)).name.lower()
+    except (ImportError, AttributeError, RuntimeError, ValueError, TypeError):
         return "math"
+
+
+def _valid_scale(scale: Any, head_dim: int) -> float:
+    """The softmax scale of a call: the caller's, else SDPA's default 1/sqrt(head size)."""
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"attention scale must be a finite number, got {scale!r}")
+    return float(scale)
 
 
 @dataclass(frozen=True)
 class _PreparedCall:
-    """One call's tensors in [B, heads, N, dim] layout and the kernel its chunks run."""
+    """One call's tensors in [B, heads, N, dim] layout (key and value [B, kv_heads, N, dim])
+    and the kernel its chunks run."""
     shape: AttentionShape
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     mask: Optional[torch.Tensor]  # broadcastable to [B, heads, queries, keys]
     kernel: str  # "math" (Headroom's explicit kernel) or "sdpa"
-    sdpa_backend: str  # what SDPA picks for these tensors
+    sdpa_backend: str  # what SDPA picks for the tensors its chunks get
     upcast_fp32: bool
+    scale: float
+    # SDPA chunks get key/value repeated to every query head: SDPA's kernel for the grouped call
+    # would repeat them in every chunk (math) or cannot group them (some fused kernels).
+    repeat_kv: bool = False
 
     @property
     def kernel_name(self) -> str:
@@ -231,30 +286,39 @@ class _PreparedCall:
         """The chunks run a kernel that never materialises the scores."""
         return self.kernel == "sdpa" and self.sdpa_backend in FUSED_SDPA_BACKENDS
 
+    @property
+    def chunk_kv_heads(self) -> int:
+        """Heads of the key/value copies every chunk reads."""
+        return self.shape.heads if self.repeat_kv else self.shape.kv_heads
+
     def transient_bytes(self, query_chunk: Optional[int] = None,
                         fused: Optional[bool] = None) -> int:
         s = self.shape
         return attention_transient_bytes(s.batch, s.heads, s.q_len, s.k_len, s.head_dim,
                                           self.q.element_size(), self.upcast_fp32, query_chunk,
-                                          fused=self.fused if fused is None else fused)
+                                          fused=self.fused if fused is None else fused,
+                                          kv_heads=self.chunk_kv_heads)
 
     def chunk_rows(self, target_bytes: float, target_name: str) -> int:
         s = self.shape
         return query_chunk_size(target_bytes, s.batch, s.heads, s.q_len, s.k_len, s.head_dim,
                                 self.q.element_size(), self.upcast_fp32, target_name,
-                                fused=self.fused)
+                                fused=self.fused, kv_heads=self.chunk_kv_heads)
 
 
 def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
              mask: Optional[torch.Tensor], skip_reshape: bool, upcast_fp32: bool,
-             kernel: AttentionKernel) -> _PreparedCall:
+             kernel: AttentionKernel, scale: Optional[float] = None,
+             enable_gqa: bool = False) -> _PreparedCall:
     if kernel not in ATTENTION_KERNELS:
         raise ValueError(f"attention kernel must be one of {', '.join(ATTENTION_KERNELS)}, "
                          f"got {kernel!r}")
-    shape = attention_shape(q, k, v, heads, skip_reshape)
+    shape = attention_shape(q, k, v, heads, skip_reshape, enable_gqa)
+    scale = _valid_scale(scale, shape.head_dim)
     if not skip_reshape:
-        b, h, d = shape.batch, shape.heads, shape.head_dim
-        q, k, v = (t.reshape(b, -1, h, d).transpose(1, 2) for t in (q, k, v))
+        b, d = shape.batch, shape.head_dim
+        q = q.reshape(b, -1, shape.heads, d).transpose(1, 2)
+        k, v = (t.reshape(b, -1, shape.kv_heads, d).transpose(1, 2) for t in (k, v))
     mask4 = None if mask is None else _mask_4d(mask, shape)
     if kernel == "auto":
         # SDPA keeps its softmax statistics in fp32 only in its fused kernels; when fp32 is
@@ -263,22 +327,33 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
     sdpa_mask = mask4
     if mask4 is not None and mask4.dtype != torch.bool:
         sdpa_mask = mask4.to(q.dtype)
-    backend = sdpa_backend(q, k, v, sdpa_mask)
+    grouped = shape.kv_heads != shape.heads
+    backend = sdpa_backend(q, k, v, sdpa_mask, enable_gqa=grouped)
+    repeat_kv = kernel == "sdpa" and grouped and backend not in FUSED_SDPA_BACKENDS
+    if repeat_kv:
+        # What SDPA picks once key/value have every query head (asked with stride-0 views of
+        # that shape; the copies are made only if the chunks run).
+        full = (shape.batch, shape.heads, shape.k_len, shape.head_dim)
+        backend = sdpa_backend(q, k[:, :1].expand(full), v[:, :1].expand(full), sdpa_mask)
     return _PreparedCall(shape, q, k, v, sdpa_mask if kernel == "sdpa" else mask4, kernel,
-                         backend, upcast_fp32)
+                         backend, upcast_fp32, scale, repeat_kv)
 
 
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *,
                       mask: Optional[torch.Tensor] = None, target_bytes: float,
                       skip_reshape: bool = False, skip_output_reshape: bool = False,
-                      upcast_fp32: bool = False, kernel: AttentionKernel = "auto") -> torch.Tensor:
+                      upcast_fp32: bool = False, kernel: AttentionKernel = "auto",
+                      scale: Optional[float] = None, enable_gqa: bool = False) -> torch.Tensor:
     """Attention with the query rows split into chunks so the call fits `target_bytes`.
 
     Layouts as in ComfyUI: q, k, v are [B, N, heads*dim_head] unless `skip_reshape` (then
     [B, heads, N, dim_head]); the output is [B, N, heads*dim_head] unless
-    `skip_output_reshape` (then [B, heads, N, dim_head]).
+    `skip_output_reshape` (then [B, heads, N, dim_head]). `scale`: the softmax scale (None:
+    1/sqrt(dim_head)). `enable_gqa`: key and value may have fewer heads than the query, each
+    serving a group of consecutive query heads (as SDPA's enable_gqa).
     """
-    prepared = _prepare(q, k, v, heads, mask, skip_reshape, upcast_fp32, kernel)
+    prepared = _prepare(q, k, v, heads, mask, skip_reshape, upcast_fp32, kernel, scale,
+                        enable_gqa)
     query_chunk = prepared.chunk_rows(target_bytes, "attention memory target")
     return _attend_in_chunks(prepared, query_chunk, skip_output_reshape)
 
@@ -287,7 +362,11 @@ def _attend_in_chunks(call: _PreparedCall, query_chunk: int,
                       skip_output_reshape: bool) -> torch.Tensor:
     shape, q, k, v, mask4 = call.shape, call.q, call.k, call.v, call.mask
     b, h, d = shape.batch, shape.heads, shape.head_dim
-    scale = d ** -0.5
+    grouped = shape.kv_heads != h
+    if call.repeat_kv:
+        k, v = (t.repeat_interleave(shape.group, dim=1) for t in (k, v))  # once, not per chunk
+        grouped = False
+    sdpa_extra = {"enable_gqa": True} if grouped else {}
 
     def attend(start: int, stop: int) -> torch.Tensor:
         mask_chunk = None
@@ -296,8 +375,8 @@ def _attend_in_chunks(call: _PreparedCall, query_chunk: int,
             mask_chunk = mask4[:, :, start:stop] if mask4.shape[2] > 1 else mask4
         if call.kernel == "sdpa":
             return F.scaled_dot_product_attention(q[:, :, start:stop], k, v, attn_mask=mask_chunk,
-                                                  scale=scale)
-        return _math_attention(q[:, :, start:stop], k, v, mask_chunk, scale, call.upcast_fp32)
+                                                  scale=call.scale, **sdpa_extra)
+        return _math_attention(q[:, :, start:stop], k, v, mask_chunk, call.scale, call.upcast_fp32)
 
     if call.kernel == "math" and call.upcast_fp32:
         k = k.float()  # once, not per chunk
@@ -324,18 +403,29 @@ def _attend_in_chunks(call: _PreparedCall, query_chunk: int,
 
 def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     mask: Optional[torch.Tensor], scale: float, upcast_fp32: bool) -> torch.Tensor:
+    """Attention of q [B, heads, n, dim] over k, v [B, kv_heads, N, dim], kv_heads dividing
+    heads; each key/value head serves `heads // kv_heads` consecutive query heads."""
+    b, heads, n, d = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
     if upcast_fp32:
         q = q.float()
-    scores = (q @ k.transpose(-1, -2)).mul_(scale)
+    # A group's query rows stacked, so each key/value head is read as it is, never repeated.
+    q = q.reshape(b, kv_heads, group * n, d)
+    scores = (q @ k.transpose(-1, -2)).mul_(scale)  # [B, kv_heads, group * n, N]
     if mask is not None:
-        if mask.dtype == torch.bool:
+        # The same scores as [B, kv_heads, group, n, N], the mask's heads split alike.
+        grouped_scores = scores.view(b, kv_heads, group, n, scores.shape[-1])
+        grouped_mask = (mask.unflatten(1, (kv_heads, group)) if mask.shape[1] == heads
+                        else mask.unsqueeze(1))
+        if grouped_mask.dtype == torch.bool:
             # A finite fill, as ComfyUI's attention_basic does, so no row softmaxes to NaN.
-            scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+            grouped_scores.masked_fill_(~grouped_mask, torch.finfo(scores.dtype).min)
         else:
-            scores.add_(mask)
+            grouped_scores.add_(grouped_mask)
     probs = scores.softmax(dim=-1)
     del scores
-    return probs.to(v.dtype) @ v
+    return (probs.to(v.dtype) @ v).view(b, heads, n, d)
 
 
 # --- the ComfyUI override --------------------------------------------------------------------
@@ -419,6 +509,9 @@ class AttentionCall:
     upcast_fp32: bool
     estimated_bytes: int  # Headroom's estimate of the call (chunked: at the chosen chunk)
     target_bytes: Optional[float]  # the target the call was sized for; None for delegated methods
+    kv_heads: int = 0  # heads of key and value (fewer than `heads` with grouped-query attention)
+    # Keyword arguments the chunks do not implement: the call went to the model's own kernel.
+    unhandled: tuple[str, ...] = ()
 
     @property
     def chunked(self) -> bool:
@@ -427,10 +520,12 @@ class AttentionCall:
     def log_line(self) -> str:
         target = "none" if self.target_bytes is None else _mb(self.target_bytes).replace(" ", "")
         return (f"Headroom attention: runner={self.runner} kernel={self.kernel or '-'} "
-                f"batch={self.batch} heads={self.heads} queries={self.q_len} keys={self.k_len} "
+                f"batch={self.batch} heads={self.heads} kv_heads={self.kv_heads} "
+                f"queries={self.q_len} keys={self.k_len} "
                 f"chunk={self.query_chunk} chunks={self.chunk_count} "
                 f"estimate={_mb(self.estimated_bytes).replace(' ', '')} target={target} "
-                f"fp32={'yes' if self.upcast_fp32 else 'no'}")
+                f"fp32={'yes' if self.upcast_fp32 else 'no'}"
+                + (f" unhandled={','.join(self.unhandled)}" if self.unhandled else ""))
 
 
 AttentionOverride = Callable[..., torch.Tensor]
@@ -452,26 +547,42 @@ def make_attention_override(plan: AttentionPlan,
 
     def override(func: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
         call = dict(zip(_POSITIONAL_NAMES, args))
-        # Keyword arguments win; unknown keys (transformer_options, ...) are not ours.
+        # Keyword arguments win; the rest (transformer_options, scale, ...) are read below.
         call.update((name, kwargs[name]) for name in _POSITIONAL_NAMES if name in kwargs)
         run_state = (kwargs.get("transformer_options") or {}).get(HEADROOM_STATE_KEY) or {}
         current = run_state.get(ATTENTION_PLAN_KEY, plan)
         q, k, v, heads = call["q"], call["k"], call["v"], call["heads"]
         upcast_fp32 = current.upcast_fp32 or call.get("attn_precision") == torch.float32
-        prepared = _prepare(q, k, v, heads, call.get("mask"), bool(call.get("skip_reshape", False)),
-                            upcast_fp32, current.kernel)
-        shape = prepared.shape
+        skip_reshape = bool(call.get("skip_reshape", False))
+        enable_gqa = bool(kwargs.get("enable_gqa", False))
+        unhandled = tuple(sorted(set(kwargs) - set(_POSITIONAL_NAMES) - HANDLED_KEYWORDS))
 
-        def report(runner: str, kernel: str, query_chunk: int, estimated: int,
-                   target: Optional[float]):
+        def report(runner: str, shape: AttentionShape, kernel: str, query_chunk: int,
+                   estimated: int, target: Optional[float]):
             if on_call is not None:
-                on_call(AttentionCall(runner, kernel, query_chunk, -(-shape.q_len // query_chunk),
-                                      shape.batch, shape.heads, shape.q_len, shape.k_len,
-                                      upcast_fp32, estimated, target))
+                on_call(AttentionCall(runner, kernel, query_chunk,
+                                      -(-shape.q_len // max(query_chunk, 1)), shape.batch,
+                                      shape.heads, shape.q_len, shape.k_len, upcast_fp32,
+                                      estimated, target, shape.kv_heads, unhandled))
+
+        if unhandled and current.method not in DELEGATED_METHODS:
+            # An argument the chunks would silently ignore: the model's kernel gets the call,
+            # every argument as it came.
+            try:
+                shape = attention_shape(q, k, v, heads, skip_reshape, enable_gqa)
+            except ValueError:  # a layout only the model's kernel knows
+                shape = AttentionShape(0, 0, 0, 0, 0, 0)
+            report("model", shape, "", shape.q_len, 0, None)
+            return _call_attention(func, args, kwargs, current.upcast_fp32)
+
+        prepared = _prepare(q, k, v, heads, call.get("mask"), skip_reshape, upcast_fp32,
+                            current.kernel, kwargs.get("scale"), enable_gqa)
+        shape = prepared.shape
 
         if current.method in DELEGATED_METHODS:
             _check_delegate(current, delegates)
-            report(current.method, "", shape.q_len, prepared.transient_bytes(fused=False), None)
+            report(current.method, shape, "", shape.q_len, prepared.transient_bytes(fused=False),
+                   None)
             return _call_attention(delegates[current.method], args, kwargs, current.upcast_fp32)
 
         target_bytes, target_name = resolve_target_bytes(current, q.device, run_state)
@@ -481,12 +592,12 @@ def make_attention_override(plan: AttentionPlan,
             whole_bytes = prepared.transient_bytes(
                 fused=prepared.sdpa_backend in FUSED_SDPA_BACKENDS)
             if whole_bytes <= target_bytes:
-                report("model", "", shape.q_len, whole_bytes, target_bytes)
+                report("model", shape, "", shape.q_len, whole_bytes, target_bytes)
                 return _call_attention(func, args, kwargs, current.upcast_fp32)
 
         query_chunk = prepared.chunk_rows(target_bytes, target_name)
-        report("chunked", prepared.kernel_name, query_chunk, prepared.transient_bytes(query_chunk),
-               target_bytes)
+        report("chunked", shape, prepared.kernel_name, query_chunk,
+               prepared.transient_bytes(query_chunk), target_bytes)
         return _attend_in_chunks(prepared, query_chunk,
                                  bool(call.get("skip_output_reshape", False)))
 

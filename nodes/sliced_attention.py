@@ -39,9 +39,22 @@ def input_problem(target_mb, method) -> str | None:
     return None
 
 
-def log_attention_call(call: AttentionCall) -> None:
-    if log.isEnabledFor(logging.DEBUG):  # one line per attention call: only when asked for
-        log.debug(call.log_line())
+def attention_call_logger():
+    """on_call for one node's override: the per-call line at DEBUG; once per set of names, a
+    warning when calls carry keyword arguments the chunks do not implement (such calls run
+    the model's own attention, not bounded by the target)."""
+    warned = set()
+
+    def log_attention_call(call: AttentionCall) -> None:
+        if call.unhandled and call.unhandled not in warned:
+            warned.add(call.unhandled)
+            log.warning("Headroom Sliced Attention: attention called with %s, which Headroom's chunks do not "
+                        "implement; those calls run the model's own attention, not bounded by the target",
+                        ", ".join(call.unhandled))
+        if log.isEnabledFor(logging.DEBUG):  # one line per attention call: only when asked for
+            log.debug(call.log_line())
+
+    return log_attention_call
 
 
 class SlicedAttention(io.ComfyNode):
@@ -95,7 +108,7 @@ class SlicedAttention(io.ComfyNode):
         fused = has_fused_attention(model.load_device)
         plan = AttentionPlan(target_bytes=target_mb * MB or None, method=method, upcast_fp32=fp32,
                              fused_kernel=fused, target_name="target_mb")
-        override = make_attention_override(plan, on_call=log_attention_call,
+        override = make_attention_override(plan, on_call=attention_call_logger(),
                                            delegates=comfy_attention_functions())
         patched = add_stage_recorder(model.clone())  # its sampling runs show in the Memory Report
         options = patched.model_options.setdefault("transformer_options", {})

@@ -1,9 +1,12 @@
 """Sliced Attention inside real ComfyUI: same latents, the override fires, the input model is
-untouched, bad inputs are refused naming the input."""
+untouched, bad inputs are refused naming the input; calls with scale= and grouped-query heads
+(as ComfyUI v0.33.0's models make them) through ComfyUI's own attention entry."""
 import logging
 import re
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 import comfy_host
 from comfy_host import sample
@@ -18,8 +21,8 @@ SIZE = 128  # 16x16 latent: 256 tokens, 8 heads of 40 in the tiny model's attent
 # 2.3e-6, 4 % off by 9.1e-6 (test_the_tolerance_catches_a_4_percent_attention_error).
 RELATIVE_TOLERANCE = 1e-6
 LINE = re.compile(r"Headroom attention: runner=(?P<runner>.+?) kernel=(?P<kernel>\S+) batch=(?P<batch>\d+) "
-                  r"heads=(?P<heads>\d+) queries=(?P<queries>\d+) keys=(?P<keys>\d+) chunk=(?P<chunk>\d+) "
-                  r"chunks=(?P<chunks>\d+) .* fp32=(?P<fp32>yes|no)")
+                  r"heads=(?P<heads>\d+) kv_heads=(?P<kv_heads>\d+) queries=(?P<queries>\d+) keys=(?P<keys>\d+) "
+                  r"chunk=(?P<chunk>\d+) chunks=(?P<chunks>\d+) .* fp32=(?P<fp32>yes|no)")
 
 
 def sliced(comfy_nodes, model, target_mb=0, method="auto", fp32=False):
@@ -162,3 +165,93 @@ def test_bad_inputs_are_refused_naming_the_input(comfy_nodes, loaded_checkpoint,
     assert re.match(message, node.validate_inputs(**arguments))  # queue time
     with pytest.raises(ValueError, match=message):  # run time (a prompt that skipped validation)
         comfy_host.run_v3_node(node, model=model, fp32=False, **arguments)
+
+
+# As ComfyUI v0.33.0's grouped-query models call attention (Boogu, OmniGen2, Stable Audio's DiT):
+# q [B, heads, N, dim] and k, v [B, kv_heads, N, dim] with skip_reshape (or [B, N, heads*dim] and
+# [B, N, kv_heads*dim] without), enable_gqa=True, a scale, the mask positional, transformer_options.
+GQA_BATCH, GQA_HEADS, GQA_KV_HEADS, GQA_TOKENS, GQA_HEAD_DIM, GQA_SCALE = 2, 8, 2, 512, 32, 0.11
+
+
+def gqa_inputs(with_mask: bool):
+    generator = torch.Generator().manual_seed(7)
+    q = torch.randn(GQA_BATCH, GQA_HEADS, GQA_TOKENS, GQA_HEAD_DIM, generator=generator)
+    k, v = (torch.randn(GQA_BATCH, GQA_KV_HEADS, GQA_TOKENS, GQA_HEAD_DIM, generator=generator) for _ in range(2))
+    mask = None
+    if with_mask:  # padding: the last 100 keys of the second sample are masked out
+        mask = torch.zeros(GQA_BATCH, 1, 1, GQA_TOKENS)
+        mask[1, ..., -100:] = -torch.inf
+    return q, k, v, mask
+
+
+def tokens(t):
+    """[B, heads, N, dim] -> ComfyUI's [B, N, heads*dim]."""
+    return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
+
+
+@pytest.mark.parametrize("with_mask", [False, True], ids=["no-mask", "padding-mask"])
+@pytest.mark.parametrize("skip_reshape", [True, False], ids=["head-layout", "token-layout"])
+@pytest.mark.parametrize("method, target_mb", [("chunked", 2), ("auto", 0)])
+def test_grouped_heads_and_scale_through_comfyuis_attention_entry(
+        comfy_nodes, loaded_checkpoint, caplog, method, target_mb, skip_reshape, with_mask):
+    import comfy.ldm.modules.attention as attention
+    model, _, _ = loaded_checkpoint
+    options = sliced(comfy_nodes, model, target_mb, method).model_options["transformer_options"]
+    q, k, v, mask = gqa_inputs(with_mask)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=GQA_SCALE, enable_gqa=True)
+    assert not torch.allclose(expected, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
+                              atol=1e-3)  # the scale matters
+    inputs = (q, k, v) if skip_reshape else tuple(tokens(t) for t in (q, k, v))
+
+    caplog.set_level(logging.DEBUG, logger="headroom")
+    # ComfyUI's attention entry (wrap_attn) hands the call to the override in transformer_options.
+    out = attention.optimized_attention(*inputs, GQA_HEADS, mask, skip_reshape=skip_reshape,
+                                        skip_output_reshape=True, transformer_options=options,
+                                        scale=GQA_SCALE, enable_gqa=True)
+
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    (call,) = attention_calls(caplog)
+    assert (call["runner"], call["heads"], call["kv_heads"], call["queries"]) == (
+        "chunked", str(GQA_HEADS), str(GQA_KV_HEADS), str(GQA_TOKENS))
+    # 2 MB: 1 MiB of output and 0.5 MiB of key/value leave room for about a quarter of the rows
+    assert int(call["chunks"]) == (1 if method == "auto" else 5)
+
+
+@pytest.mark.parametrize("method", ["comfy split", "sub-quadratic"])
+def test_delegated_methods_get_the_scale_as_the_model_passed_it(comfy_nodes, loaded_checkpoint, caplog, method):
+    import comfy.ldm.modules.attention as attention
+    model, _, _ = loaded_checkpoint
+    options = sliced(comfy_nodes, model, 0, method).model_options["transformer_options"]
+    q, k, v, _ = gqa_inputs(False)
+    k, v = (t.repeat_interleave(GQA_HEADS // GQA_KV_HEADS, dim=1) for t in (k, v))  # every host's split takes these
+    host_function = attention.get_attention_function("split" if method == "comfy split" else "sub_quad")
+
+    caplog.set_level(logging.DEBUG, logger="headroom")
+    out = attention.optimized_attention(q, k, v, GQA_HEADS, skip_reshape=True, transformer_options=options,
+                                        scale=GQA_SCALE)
+
+    # what the host's own function makes of these arguments (on v0.33.0: the scaled attention)
+    assert out.equal(host_function(q, k, v, GQA_HEADS, skip_reshape=True, scale=GQA_SCALE))
+    assert [call["runner"] for call in attention_calls(caplog)] == [method]
+
+
+def test_a_keyword_the_chunks_do_not_know_runs_the_models_own_kernel_with_one_warning(
+        comfy_nodes, loaded_checkpoint, caplog):
+    import comfy.ldm.modules.attention as attention
+    model, _, _ = loaded_checkpoint
+    options = sliced(comfy_nodes, model, 1, "chunked").model_options["transformer_options"]
+    q, k, v, _ = gqa_inputs(False)
+    k, v = (t.repeat_interleave(GQA_HEADS // GQA_KV_HEADS, dim=1) for t in (k, v))
+
+    caplog.set_level(logging.DEBUG, logger="headroom")
+    outs = [attention.optimized_attention(q, k, v, GQA_HEADS, skip_reshape=True, transformer_options=options,
+                                          a_future_argument=True) for _ in range(2)]
+
+    # 1 MB could not hold this call's 2 MiB output: only the model's kernel can have run it
+    expected = attention.optimized_attention(q, k, v, GQA_HEADS, skip_reshape=True, a_future_argument=True)
+    assert all(out.equal(expected) for out in outs)
+    assert [(call["runner"], call["chunks"]) for call in attention_calls(caplog)] == [("model", "1")] * 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["Headroom Sliced Attention: attention called with a_future_argument, which Headroom's "
+                        "chunks do not implement; those calls run the model's own attention, not bounded by "
+                        "the target"]
