@@ -28,6 +28,7 @@ from .attention import ACTIVATION_BYTES_KEY
 from .budget import Budget
 from .comfy import budgets, host, journal, models, oom
 from .decisions import BudgetMethod
+from .ladder import RungAttempt
 from .plan import Plan, oom_ladder, plan_sampling
 from .report import BudgetLine, RecordLog, SamplingRecord
 
@@ -265,7 +266,7 @@ def _copy_plan(run: RunState, stage) -> None:
         else:  # the device is the CPU: weights and activations are all in RAM
             stage.planned_ram_bytes = plan.weight_bytes + plan.activation_bytes
     stage.resident_bytes = record.measured_resident_bytes
-    stage.rungs = list(record.rungs)
+    stage.rungs = [RungAttempt(name, name, outcome="tried") for name in record.rungs]
     stage.detail = f"{record.steps} steps; plan: {record.plan}"
 
 

@@ -25,6 +25,7 @@ import psutil
 import torch
 
 from .budget import gb
+from .ladder import RungAttempt
 
 RAM = "ram"  # the probe's key for the process's RAM; torch's CUDA peaks are keyed by device ("cuda:0")
 TORCH = "torch"
@@ -124,7 +125,7 @@ class Stage:
     ram_before_bytes: int = 0  # the process's RSS when the stage started: peak - before = what the stage added
     ram_after_bytes: int = 0  # the process's RSS when it ended (what a GC gave back shows here)
     seconds: float = 0.0
-    rungs: list[str] = dataclasses.field(default_factory=list)  # out-of-memory ladder rungs used
+    rungs: list[RungAttempt] = dataclasses.field(default_factory=list)  # out-of-memory ladder rungs tried
     outcome: str = "running"  # success | failed: <error> | interrupted
     detail: str = ""  # the plan, the tile count, what GC freed
 
@@ -142,7 +143,7 @@ class Stage:
             measured.append(f"resident={gb(self.resident_bytes)}")
         node = f" node={self.node_id}" if self.node_id is not None else ""
         node += f"({self.node_type})" if self.node_type else ""
-        rungs = f" oom_rungs=[{'; '.join(self.rungs)}]" if self.rungs else ""
+        rungs = f" oom_rungs=[{'; '.join(rung.describe() for rung in self.rungs)}]" if self.rungs else ""
         return (f"{'  ' * self.depth}{self.kind}: {self.name} on {self.device}{node} {self.outcome} "
                 f"{self.seconds:.2f}s planned[{planned or 'none'}] {' '.join(measured)}{rungs}"
                 + (f" ({self.detail})" if self.detail else ""))
@@ -236,7 +237,7 @@ class MemoryReport:
     def of(cls, journal: Journal, node_types: dict[str, str] | None = None) -> MemoryReport:
         """A snapshot of the journal; `node_types` (node id -> class) names the node of each stage."""
         node_types = node_types or {}
-        stages = tuple(dataclasses.replace(stage, rungs=list(stage.rungs),
+        stages = tuple(dataclasses.replace(stage, rungs=[dataclasses.replace(rung) for rung in stage.rungs],
                                            node_type=node_types.get(stage.node_id, stage.node_type))
                        for stage in journal.stages)
         return cls(journal.prompt_id, stages, tuple(journal.budgets.values()), journal.probe.ram_peak_is_exact)

@@ -3,6 +3,7 @@ import logging
 
 from ..memory.comfy import host, inpaint, journal, models
 from ..memory.inpaint import MIN_TILE_SIZE, REFUSED_KEYS, InpaintSettings, inpaint_tiled
+from ..memory.ladder import RungAttempt
 
 _, io, ui = host.node_api()
 log = logging.getLogger("headroom")
@@ -92,7 +93,7 @@ class TiledInpaint(io.ComfyNode):
         backend = inpaint.inpaint_backend(model, vae, steps, cfg, sampler_name, scheduler, denoise)
         with journal.stage("tiles", "Tiled Inpaint", model.load_device) as tiles_stage:
             result, report = inpaint_tiled(image, mask, positive, negative, settings, backend)
-            tiles_stage.rungs = list(report.retries)
+            tiles_stage.rungs = [RungAttempt("halve the tile", retry, outcome="survived") for retry in report.retries]
             tiles_stage.detail = report.describe()
         log.info(report.log_line())
         plan = report.describe()
