@@ -5,7 +5,7 @@ import weakref
 import pytest
 import torch
 
-from memory.ladder import LadderExhausted, Rung, run_ladder
+from comfyui_headroom.memory.ladder import LadderExhausted, Rung, run_ladder
 
 
 def is_oom(error):
