@@ -6,6 +6,7 @@ import pytest
 
 from comfyui_headroom.memory.budget import GB
 from comfyui_headroom.memory.chart import COLOURS, HEIGHT, WIDTH, render_chart
+from comfyui_headroom.memory.ladder import RungAttempt
 from comfyui_headroom.memory.report import BudgetLine, Journal, MemoryReport, PeakProbe
 
 ALLOCATION = 256 * 2 ** 20
@@ -59,7 +60,8 @@ def test_a_stage_that_raises_records_why_closes_and_lets_the_error_through(error
 def test_the_report_copies_the_stages_and_says_what_it_holds_in_json_and_words():
     journal = Journal("p")
     with journal.stage("sampling", "SD15", "cpu") as stage:
-        stage.planned_ram_bytes, stage.rungs = 3 * GB, ["halve resident weights to 0.50 GB"]
+        stage.planned_ram_bytes = 3 * GB
+        stage.rungs = [RungAttempt("halve resident weights", "resident 1.00 -> 0.50 GB", 1.5, "success")]
     journal.set_budget(BudgetLine("cpu", 2 * GB, "budget_gb: resident weights <= 2.00 GB"))
     report = MemoryReport.of(journal)
     stage.kind = "changed later"
@@ -71,7 +73,9 @@ def test_the_report_copies_the_stages_and_says_what_it_holds_in_json_and_words()
     assert text[0].startswith("Memory Report: 1 stages, peak VRAM n/a")
     assert text[1] == "budget on cpu: budget_gb: resident weights <= 2.00 GB (2.00 GB)"
     assert text[2].startswith("sampling: SD15 on cpu success") and "planned[ram<=3.00 GB]" in text[2]
-    assert "oom_rungs=[halve resident weights to 0.50 GB]" in text[2]
+    assert "oom_rungs=[halve resident weights (resident 1.00 -> 0.50 GB): success in 1.50s]" in text[2]
+    assert data["stages"][0]["rungs"] == [{"name": "halve resident weights", "changed": "resident 1.00 -> 0.50 GB",
+                                           "seconds": 1.5, "outcome": "success"}]
     assert MemoryReport.of(Journal()).describe().startswith("Memory Report: no Headroom stage has run")
 
 
