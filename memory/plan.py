@@ -71,33 +71,79 @@ def plan_sampling(budget: Budget, model: ModelFacts, device: DeviceFacts) -> Pla
 
 
 @dataclasses.dataclass(frozen=True)
-class Rung:
-    """One step of the out-of-memory ladder: what was tightened, and the resulting settings."""
+class RunSettings:
+    """What the out-of-memory ladder can tighten in one sampling run."""
+    split_cond_uncond: bool = False  # cond and uncond in separate model calls
+    sub_batch: int | None = None  # None: each model call runs its whole batch; else at most this many samples
+    attention_target_bytes: int | None = None  # Sliced Attention's target; None: no target to halve
+    resident_bytes: int | None = None  # Offload Model's resident-weight cap; None: Offload Model is not on it
+
+    def changes_from(self, before: RunSettings) -> str:
+        """What changed since `before`, in words ("" when nothing did)."""
+        changes = []
+        if self.split_cond_uncond != before.split_cond_uncond:
+            changes.append("cond and uncond in separate model calls")
+        if self.sub_batch != before.sub_batch:
+            changes.append(f"model calls in batches of {self.sub_batch}"
+                           + (f" (were {before.sub_batch})" if before.sub_batch else ""))
+        if self.attention_target_bytes != before.attention_target_bytes:
+            changes.append(f"attention target {_mb(before.attention_target_bytes)} -> "
+                           f"{_mb(self.attention_target_bytes)}")
+        if self.resident_bytes != before.resident_bytes:
+            changes.append(f"resident weights {gb(before.resident_bytes or 0)} -> {gb(self.resident_bytes or 0)}")
+        return "; ".join(changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class LadderStep:
+    """One rung of the sampling ladder: its name and the settings of the retry (cumulative). A step that
+    frees the other models ComfyUI keeps loaded changes no setting."""
     name: str
-    plan: Plan
-    attention_target_bytes: int | None  # None: Sliced Attention is not on the model
+    settings: RunSettings
+    frees_other_models: bool = False
 
 
-def oom_ladder(plan: Plan, loaded_bytes: int, attention_target_bytes: int | None) -> list[Rung]:
-    """Ever tighter settings to retry with after an out-of-memory error, each rung cumulative.
+FREE_OTHER_MODELS = "free the other models ComfyUI keeps loaded"
 
-    Rungs that would change nothing are left out (a plan already split is not split again).
-    """
-    rungs = []
-    current, attention = plan, attention_target_bytes
-    resident_now = plan.resident_bytes if plan.resident_bytes is not None else min(loaded_bytes, plan.weight_bytes)
-    if resident_now > 0:
-        current = dataclasses.replace(current, resident_bytes=resident_now // 2)
-        rungs.append(Rung(f"halve resident weights to {gb(resident_now // 2)}", current, attention))
-    if not current.split_cond_uncond:
-        current = dataclasses.replace(current, split_cond_uncond=True)
-        rungs.append(Rung("run cond and uncond separately", current, attention))
-    if attention is not None:
-        attention //= 2
-        rungs.append(Rung(f"halve attention chunks (target {attention / 2**20:.0f} MB)", current, attention))
+
+def sampling_ladder(start: RunSettings, batch: int, has_uncond: bool) -> list[LadderStep]:
+    """The rungs to retry a sampling run with after an out-of-memory error, cheapest first, each cumulative:
+    free the other models; cond and uncond separately; model calls in ever smaller sub-batches (results do
+    not change); halve the attention target; halve the resident weights; stream them all. Rungs that
+    would change nothing are left out. `batch`: the latent batch (samples per cond)."""
+    steps = [LadderStep(FREE_OTHER_MODELS, start, frees_other_models=True)]
+    current = start
+
+    def step(name: str, **changes) -> None:
+        nonlocal current
+        current = dataclasses.replace(current, **changes)
+        steps.append(LadderStep(name, current))
+
+    if has_uncond and not current.split_cond_uncond:
+        step("run cond and uncond separately", split_cond_uncond=True)
+    for size in sub_batch_sizes(batch):  # after the split, a model call holds one cond's batch
+        if current.sub_batch is None or size < current.sub_batch:
+            step(f"split each model call into batches of {size}", sub_batch=size)
+    if current.attention_target_bytes:
+        step(f"halve attention chunks (target {_mb(current.attention_target_bytes // 2)})",
+             attention_target_bytes=current.attention_target_bytes // 2)
     if current.resident_bytes:
-        current = dataclasses.replace(current, resident_bytes=0)
-        attention = attention // 2 if attention is not None else None
-        rungs.append(Rung("stream all weights" + (" and halve attention chunks again" if attention else ""),
-                          current, attention))
-    return rungs
+        step(f"halve resident weights to {gb(current.resident_bytes // 2)}", resident_bytes=current.resident_bytes // 2)
+        attention = current.attention_target_bytes // 2 if current.attention_target_bytes else None
+        step("stream all weights" + (" and halve attention chunks again" if attention else ""),
+             resident_bytes=0, attention_target_bytes=attention)
+    return steps
+
+
+def sub_batch_sizes(batch: int) -> list[int]:
+    """Ever smaller sub-batches of a model call of `batch` samples, each dividing it: halved while even,
+    then 1 (8 -> 4, 2, 1; 6 -> 3, 1; 1 -> none)."""
+    sizes, size = [], batch
+    while size > 1:
+        size = size // 2 if size % 2 == 0 else 1
+        sizes.append(size)
+    return sizes
+
+
+def _mb(n_bytes: int | None) -> str:
+    return "auto" if n_bytes is None else f"{n_bytes / 2**20:.0f} MB"

@@ -292,7 +292,7 @@ class SamplingRecord:
     resident_after_loads: list[int] = dataclasses.field(default_factory=list)  # after each load of the run
     peak_vram_bytes: int | None = None  # torch's peak on a CUDA device; None elsewhere
     peak_ram_bytes: int = 0  # the largest process RSS sampled at a step
-    rungs: list[str] = dataclasses.field(default_factory=list)  # out-of-memory ladder rungs used
+    rungs: list[RungAttempt] = dataclasses.field(default_factory=list)  # out-of-memory ladder rungs tried
     steps: int = 0  # model evaluations (sampler steps) of the attempt that succeeded
     seconds: float = 0.0
     outcome: str = "running"  # success | failed: ... | interrupted
@@ -300,7 +300,7 @@ class SamplingRecord:
     def log_line(self) -> str:
         planned = "none" if self.planned_resident_bytes is None else gb(self.planned_resident_bytes)
         vram = "n/a" if self.peak_vram_bytes is None else gb(self.peak_vram_bytes)
-        rungs = "; ".join(self.rungs) if self.rungs else "none"
+        rungs = "; ".join(rung.describe() for rung in self.rungs) if self.rungs else "none"
         loads = ",".join(gb(value).replace(" ", "") for value in self.resident_after_loads) or "none"
         return (f"Headroom sampling: model={self.model} device={self.device} patcher={self.patcher} "
                 f"outcome={self.outcome} resident planned<={planned} after_loads=[{loads}] "

@@ -12,7 +12,7 @@ from ..memory.devices import (
     pick_round_robin,
     restrict_devices,
 )
-from ..memory.patching import add_device_guard, add_stage_recorder
+from ..memory.patching import add_device_guard, add_run_hooks
 
 _, io, ui = host.node_api()
 log = logging.getLogger("headroom")
@@ -129,7 +129,7 @@ class PickGPU(io.ComfyNode):
             return moved
 
         model = place("model", model, model,
-                      lambda m, d: add_device_guard(add_stage_recorder(placement.place_model(m, d))))
+                      lambda m, d: add_device_guard(add_run_hooks(placement.place_model(m, d))))
         clip = place("clip", clip, clip and clip.patcher, placement.place_clip)
         vae = place("vae", vae, vae and vae.patcher, placement.place_vae)
         parts = [f"Pick GPU: {choice.describe()}",

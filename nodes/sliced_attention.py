@@ -12,7 +12,7 @@ from ..memory.attention import (
 )
 from ..memory.comfy.attention import comfy_attention_functions, has_fused_attention
 from ..memory.comfy.host import node_api
-from ..memory.patching import add_stage_recorder
+from ..memory.patching import add_run_hooks
 
 _, io, _ = node_api()
 log = logging.getLogger("headroom")
@@ -110,7 +110,7 @@ class SlicedAttention(io.ComfyNode):
                              fused_kernel=fused, target_name="target_mb")
         override = make_attention_override(plan, on_call=attention_call_logger(),
                                            delegates=comfy_attention_functions())
-        patched = add_stage_recorder(model.clone())  # its sampling runs show in the Memory Report
+        patched = add_run_hooks(model.clone())  # its sampling runs show in the Memory Report
         options = patched.model_options.setdefault("transformer_options", {})
         replaced = install_attention_override(options, plan, override)
         target = f"{target_mb}MB" if target_mb else "auto(activation budget, else 50% of free memory per call)"

@@ -106,6 +106,14 @@ def model_facts(patcher, noise_shape):
                       activation_bytes_single=int(patcher.memory_required([batch] + rest)))
 
 
+def has_uncond(guider) -> bool:
+    """Whether the guider's model calls run an uncond beside the cond (CFG with a negative prompt; ComfyUI
+    skips the uncond at cfg 1)."""
+    import math
+    conds = getattr(guider, "original_conds", {}) or {}
+    return len(conds) > 1 and not math.isclose(float(getattr(guider, "cfg", 1.0)), 1.0)
+
+
 def loaded_bytes(patcher) -> int:
     return int(patcher.loaded_size())
 

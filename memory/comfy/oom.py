@@ -41,3 +41,14 @@ def free_models_except(model, vae) -> list[str]:
         unloaded += management.free_memory(1e30, device, keep_loaded=keep)
     free_after_oom()
     return [model_name(entry.model) for entry in unloaded if entry.model is not None]
+
+
+def free_other_models(patcher) -> list[str]:
+    """The sampling ladder's first rung: unload every model ComfyUI holds on the patcher's device (this
+    prompt's and those it keeps from earlier prompts) except the patcher and its clones, which are sampling.
+    ComfyUI runs one prompt at a time: nothing unloaded here is in use. Returns the names unloaded."""
+    management = model_management()
+    keep = [entry for entry in management.current_loaded_models
+            if entry.model is not None and patcher.is_clone(entry.model)]
+    unloaded = management.free_memory(1e30, patcher.load_device, keep_loaded=keep)
+    return [model_name(entry.model) for entry in unloaded if entry.model is not None]

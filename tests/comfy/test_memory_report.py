@@ -61,8 +61,11 @@ def test_a_failed_run_is_recorded_with_its_rungs_and_nothing_stays_open(comfy_no
             comfy_host.sample(comfy_nodes, model)
     _, failed = report(comfy_nodes, "prompt-oom")
     (stage,) = failed["stages"]
-    assert stage["outcome"] == "failed: BudgetExhausted" and stage["rungs"][0]["name"].startswith("halve resident weights")
-    assert "halve attention chunks" in " ".join(rung["name"] for rung in stage["rungs"])  # Sliced Attention is on the model
+    assert stage["outcome"] == "failed: LadderExhausted"
+    assert [rung["name"].split(" (")[0].split(" to ")[0] for rung in stage["rungs"]] == [
+        "run cond and uncond separately", "halve attention chunks", "halve resident weights",
+        "stream all weights and halve attention chunks again"]  # Sliced Attention and Offload Model are on it
+    assert all(rung["outcome"] == "out of memory" and rung["seconds"] > 0 and rung["changed"] for rung in stage["rungs"])
     plain = loaded_checkpoint[0]
     with CurrentNodeContext("prompt-next", "5"):
         comfy_host.sample(comfy_nodes, plain)  # no Headroom node on it: nothing to record

@@ -203,13 +203,15 @@ def assert_nothing_of_ours_remains(tiny_model, budgeted, baseline):
 def test_an_oom_at_step_2_is_survived_through_the_ladder(comfy_nodes, tiny_model, baseline):
     samples_unbudgeted = baseline[0]
     budgeted = offload(comfy_nodes, tiny_model, budget_bytes=tiny_model.model_size() // 2)[0]
-    budgeted.model_options["transformer_options"]["headroom"]["test_inject_oom"] = {"step": 2, "times": 1}
+    budgeted.model_options["transformer_options"]["headroom"]["test_inject_oom"] = {"step": 2, "times": 2}
     samples, residency = sample_watching_residency(budgeted)
-    assert samples.equal(samples_unbudgeted)
     (record,) = records(budgeted)
     assert record.outcome == "success"
-    assert len(record.rungs) == 1 and record.rungs[0].startswith("halve resident weights")
+    assert [(rung.name.split(" to ")[0], rung.outcome) for rung in record.rungs] == [
+        ("run cond and uncond separately", "out of memory"), ("halve resident weights", "success")]
     assert max(residency[-3:]) <= tiny_model.model_size() // 4  # the retry ran under the halved budget
+    # cond and uncond in separate calls: CPU kernels round a batch of one differently (tests/comfy/test_oom_ladder.py)
+    assert (samples - samples_unbudgeted).abs().max() <= 1e-5 * samples_unbudgeted.abs().max()
 
 
 def oom_from_inside_the_model(model, error_factory, at_call: int, times: int = 1) -> dict:
@@ -247,9 +249,9 @@ def test_an_oom_raised_inside_the_model_at_step_2_is_survived(comfy_nodes, tiny_
     finally:
         injection["handle"].remove()
     assert injection["raised"] == 1
-    assert samples.equal(samples_unbudgeted)
+    assert (samples - samples_unbudgeted).abs().max() <= 1e-5 * samples_unbudgeted.abs().max()  # split: rounding
     (record,) = records(budgeted)
-    assert record.outcome == "success" and record.rungs[0].startswith("halve resident weights")
+    assert record.outcome == "success" and [rung.name for rung in record.rungs] == ["run cond and uncond separately"]
 
 
 def test_a_non_memory_error_inside_the_model_is_not_retried(comfy_nodes, tiny_model, baseline):
@@ -274,14 +276,14 @@ def test_a_non_memory_error_inside_the_model_is_not_retried(comfy_nodes, tiny_mo
 def test_when_every_rung_fails_the_error_lists_them_and_nothing_remains(comfy_nodes, tiny_model, baseline):
     budgeted = offload(comfy_nodes, tiny_model, budget_bytes=tiny_model.model_size())[0]
     budgeted.model_options["transformer_options"]["headroom"]["test_inject_oom"] = {"step": 1, "times": 99}
-    budget_exhausted = comfy_host.pack_module("memory.patching").BudgetExhausted
-    with pytest.raises(budget_exhausted) as failure:
+    ladder_exhausted = comfy_host.pack_module("memory.ladder").LadderExhausted
+    with pytest.raises(ladder_exhausted) as failure:
         sample_watching_residency(budgeted)
     message = str(failure.value)
     for rung in ("halve resident weights", "run cond and uncond separately", "stream all weights"):
         assert rung in message
     assert isinstance(failure.value, model_management.OOM_EXCEPTION)  # ComfyUI still shows its own OOM advice
-    assert records(budgeted)[0].outcome == "failed: BudgetExhausted"
+    assert records(budgeted)[0].outcome == "failed: LadderExhausted"
     clone_ref, samples_unbudgeted, full_residency = assert_nothing_of_ours_remains(tiny_model, budgeted, baseline)
     del budgeted, failure
     gc.collect()
@@ -312,10 +314,10 @@ def test_split_cond_uncond_runs_the_model_once_per_cond(comfy_nodes, tiny_model)
     calls = []
     budgeted.set_model_unet_function_wrapper(
         lambda apply, args: calls.append(args["input"].shape[0]) or apply(args["input"], args["timestep"], **args["c"]))
-    budgeted.model_options["transformer_options"]["headroom"]["test_inject_oom"] = {"step": 1, "times": 2}
+    budgeted.model_options["transformer_options"]["headroom"]["test_inject_oom"] = {"step": 1, "times": 1}
     batched, _ = sample_watching_residency(tiny_model)
     samples, _ = sample_watching_residency(budgeted)
-    assert records(budgeted)[0].rungs[1] == "run cond and uncond separately"
+    assert [rung.name for rung in records(budgeted)[0].rungs] == ["run cond and uncond separately"]
     assert calls[-3:] == [1, 1, 1] and len(calls) == 6  # 3 steps x (cond, uncond) one at a time
     assert torch.allclose(samples, batched, rtol=1e-4, atol=1e-5)  # batch 1 vs 2: float rounding only
 
@@ -435,11 +437,12 @@ def test_the_ladder_halves_sliced_attention_chunks(comfy_nodes, tiny_model, capl
     import logging
     baseline, _ = sample_watching_residency(tiny_model)
     budgeted = offload(comfy_nodes, sliced(comfy_nodes, tiny_model, target_mb=8), budget_bytes=16 * MB)[0]
-    budgeted.model_options["transformer_options"]["headroom"]["test_inject_oom"] = {"step": 1, "times": 3}
+    budgeted.model_options["transformer_options"]["headroom"]["test_inject_oom"] = {"step": 1, "times": 2}
     caplog.set_level(logging.DEBUG, logger="headroom")
     samples, _ = sample_watching_residency(budgeted)
     (record,) = records(budgeted)
     assert record.outcome == "success"
-    assert record.rungs[2] == "halve attention chunks (target 4 MB)"
+    assert [rung.name for rung in record.rungs] == ["run cond and uncond separately",
+                                                    "halve attention chunks (target 4 MB)"]
     assert attention_targets(caplog)[-1] == "4MB"  # the attempt that succeeded ran with the halved target
     assert torch.allclose(samples, baseline, rtol=1e-4, atol=1e-4)  # split cond/uncond: float rounding only

@@ -127,7 +127,7 @@ def test_model_clip_and_vae_picked_to_cpu_run_there_and_the_incoming_ones_are_un
     # the incoming objects: same devices, no wrappers; only the clone carries the device guard
     assert devices_of(model, clip, vae) == before
     assert not any(has_headroom_hooks(patcher) for patcher in (model, clip.patcher, vae.patcher))
-    assert outer_sample_wrappers(picked_model) == ["_record_sampling", "_device_guard"]  # the stage outermost
+    assert outer_sample_wrappers(picked_model) == ["_run_sampling", "_device_guard"]  # the stage outermost
     assert choice.startswith("Pick GPU: cpu (CPU (system RAM), ")
     assert ": asked for 'cpu'; MODEL, CLIP, VAE on cpu" in choice
 
@@ -172,12 +172,10 @@ def test_composes_with_offload_model_in_both_orders_under_the_budget(comfy_nodes
     budget = model.model_size() // 4
     if order == "pick then offload":
         combined = offload(comfy_nodes, pick(comfy_nodes, model=model)[0], budget)[0]
-        expected_wrappers = ["_record_sampling", "_device_guard", "_outer_sample"]
     else:
         combined = pick(comfy_nodes, model=offload(comfy_nodes, model, budget)[0])[0]
-        expected_wrappers = ["_record_sampling", "_outer_sample", "_device_guard"]
 
-    assert outer_sample_wrappers(combined) == expected_wrappers  # all under "headroom"; one stage recorder
+    assert outer_sample_wrappers(combined) == ["_run_sampling", "_device_guard"]  # one stage and ladder, outermost
     samples, residency = sample_watching_residency(combined)
     assert samples.equal(baseline)
     assert len(residency) == 3 and max(residency) <= budget
@@ -244,7 +242,7 @@ def test_pick_gpu_after_offload_model_moves_the_budgeted_model_to_the_chosen_gpu
     picked = pick(comfy_nodes, device="cuda:1", model=budgeted)[0]
     # Offload Model plans from the patcher's load device when the run starts: cuda:1 now
     assert (picked.load_device, picked.offload_device) == (torch.device("cuda:1"), CPU)
-    assert outer_sample_wrappers(picked) == ["_record_sampling", "_outer_sample", "_device_guard"]
+    assert outer_sample_wrappers(picked) == ["_run_sampling", "_device_guard"]
     assert (budgeted.load_device, model.load_device) == (CPU, CPU)
 
 

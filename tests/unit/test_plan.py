@@ -4,7 +4,14 @@ import math
 import pytest
 
 from comfyui_headroom.memory.budget import GB, Budget
-from comfyui_headroom.memory.plan import DeviceFacts, ModelFacts, oom_ladder, plan_sampling
+from comfyui_headroom.memory.plan import (
+    DeviceFacts,
+    ModelFacts,
+    RunSettings,
+    plan_sampling,
+    sampling_ladder,
+    sub_batch_sizes,
+)
 
 MB = 2 ** 20
 SDXL = ModelFacts(weight_bytes=int(4.8 * GB), activation_bytes_batched=2 * GB, activation_bytes_single=1 * GB)
@@ -66,21 +73,38 @@ def test_from_gb_zero_means_no_budget():
     assert Budget.from_gb(1.5, 0).weights_cap_bytes == int(1.5 * GB)
 
 
-def test_ladder_tightens_step_by_step_and_skips_what_changes_nothing():
-    plan = plan_sampling(Budget(weights_cap_bytes=2 * GB), SDXL, CARD_8GB)
-    rungs = oom_ladder(plan, loaded_bytes=2 * GB, attention_target_bytes=256 * MB)
-    assert [rung.name.split(" (")[0].split(" to ")[0] for rung in rungs] == [
-        "halve resident weights", "run cond and uncond separately", "halve attention chunks",
+def test_the_ladder_goes_from_cheapest_to_dearest_each_rung_cumulative():
+    start = RunSettings(attention_target_bytes=256 * MB, resident_bytes=2 * GB)
+    steps = sampling_ladder(start, batch=4, has_uncond=True)
+    assert [step.name for step in steps] == [
+        "free the other models ComfyUI keeps loaded", "run cond and uncond separately",
+        "split each model call into batches of 2", "split each model call into batches of 1",
+        "halve attention chunks (target 128 MB)", "halve resident weights to 1.00 GB",
         "stream all weights and halve attention chunks again"]
-    assert [rung.plan.resident_bytes for rung in rungs] == [GB, GB, GB, 0]
-    assert [rung.plan.split_cond_uncond for rung in rungs] == [False, True, True, True]
-    assert [rung.attention_target_bytes for rung in rungs] == [256 * MB, 256 * MB, 128 * MB, 64 * MB]
+    assert steps[0].frees_other_models and not any(step.frees_other_models for step in steps[1:])
+    assert steps[0].settings == start
+    assert [step.settings.split_cond_uncond for step in steps] == [False] + [True] * 6
+    assert [step.settings.sub_batch for step in steps] == [None, None, 2, 1, 1, 1, 1]
+    assert [step.settings.attention_target_bytes for step in steps] == [256 * MB] * 4 + [128 * MB] * 2 + [64 * MB]
+    assert [step.settings.resident_bytes for step in steps] == [2 * GB] * 5 + [GB, 0]
 
 
-def test_ladder_without_budget_starts_from_what_is_loaded_and_without_attention_has_no_attention_rung():
-    plan = plan_sampling(Budget(), SDXL, CARD_8GB)
-    plan = plan.__class__(**{**plan.__dict__, "split_cond_uncond": True})
-    rungs = oom_ladder(plan, loaded_bytes=3 * GB, attention_target_bytes=None)
-    assert [rung.plan.resident_bytes for rung in rungs] == [int(1.5 * GB), 0]
-    assert all("attention" not in rung.name for rung in rungs)
-    assert oom_ladder(rungs[-1].plan, 0, None) == []  # nothing left to tighten
+def test_a_model_with_only_pick_gpu_gets_the_rungs_that_change_no_result_and_nothing_repeats():
+    steps = sampling_ladder(RunSettings(split_cond_uncond=True), batch=1, has_uncond=True)
+    assert [step.name for step in steps] == ["free the other models ComfyUI keeps loaded"]
+    steps = sampling_ladder(RunSettings(), batch=3, has_uncond=False)
+    assert [step.name for step in steps] == ["free the other models ComfyUI keeps loaded",
+                                             "split each model call into batches of 1"]
+
+
+def test_sub_batches_divide_the_batch_and_shrink_to_one():
+    assert [sub_batch_sizes(batch) for batch in (1, 2, 4, 6, 8, 12)] == [
+        [], [1], [2, 1], [3, 1], [4, 2, 1], [6, 3, 1]]
+
+
+def test_each_setting_change_is_said_in_words():
+    before = RunSettings(attention_target_bytes=64 * MB, resident_bytes=GB)
+    after = RunSettings(split_cond_uncond=True, sub_batch=2, attention_target_bytes=32 * MB, resident_bytes=GB // 2)
+    assert after.changes_from(before) == ("cond and uncond in separate model calls; model calls in batches of 2; "
+                                          "attention target 64 MB -> 32 MB; resident weights 1.00 GB -> 0.50 GB")
+    assert before.changes_from(before) == ""
