@@ -174,12 +174,18 @@ def test_the_batch_split_rung_on_a_batch_of_4_gives_identical_latents(comfy_node
     assert_same_up_to_kernel_rounding(samples, expected)
 
 
-def test_rungs_are_taken_in_order_of_cost_until_one_survives(comfy_nodes, loaded_checkpoint):
+def test_rungs_are_taken_in_order_of_cost_until_one_survives(comfy_nodes, loaded_checkpoint, caplog):
+    import logging
     plain = loaded_checkpoint[0]
     model = through(comfy_nodes, "offload model", through(comfy_nodes, "sliced attention", plain))
     expected = sample(model, batch=2)
+    caplog.set_level(logging.DEBUG, logger="headroom")
     with OomInside(plain, torch.OutOfMemoryError, at_call=1, times=5):
         samples = run_in_prompt("order", lambda: sample(model, batch=2))
+    targets = [record.getMessage().split(" target=")[1].split()[0] for record in caplog.records
+               if record.getMessage().startswith("Headroom attention:")]  # Sliced Attention's DEBUG line per call
+    # attempts fail in the output blocks, after the input blocks' attention: each attempt's target shows
+    assert targets[0] == "64MB" and "32MB" in targets and targets[-1] == "16MB"  # 64 MB halved, then again
     stage = stage_of("order")
     assert [rung.name.split(" to ")[0] for rung in stage.rungs] == [
         SPLIT, "split each model call into batches of 1", "halve attention chunks (target 32 MB)",
