@@ -83,6 +83,8 @@ class InpaintReport:
     smallest_tile: int  # the tile size the ladder ended at
     tiles_run: int = 0  # tiles actually sampled, the smaller ones of a retry included
     seconds: float = 0.0
+    # (image index, tile) of every tile actually sampled, in order: what ran, not what was planned
+    sampled_tiles: list[tuple[int, Tile]] = dataclasses.field(default_factory=list)
 
     def describe(self) -> str:
         if self.plan.sampled_count == 0:
@@ -240,6 +242,7 @@ class TiledInpaint:
         self.floor = min(MIN_TILE_SIZE, settings.tile_size)
         self.retries: list[str] = []
         self.tiles_run = 0
+        self.sampled_tiles: list[tuple[int, Tile]] = []
         self.doing = ""  # the step under way, for out-of-memory messages
 
     def mask_of(self, index: int) -> torch.Tensor:
@@ -256,7 +259,7 @@ class TiledInpaint:
         report = InpaintReport(TilePlan(grid_count=len(grid) * batch, sampled_count=planned,
                                         tile_size=settings.tile_size, overlap=settings.overlap, images=batch),
                                width=self.width, height=self.height, retries=self.retries,
-                               smallest_tile=settings.tile_size)
+                               smallest_tile=settings.tile_size, sampled_tiles=self.sampled_tiles)
         if planned == 0:
             report.seconds = time.perf_counter() - started
             return self.image, report
@@ -331,6 +334,9 @@ class TiledInpaint:
         self.doing = f"VAE decode of {where}"
         decoded = self.with_tiled_fallback(self.backend.decode, self.backend.decode_tiled, samples)
         self.tiles_run += 1
+        self.sampled_tiles.append((index, tile))
+        log.debug("Headroom tiled inpaint: sampled image=%d x=%d y=%d size=%dx%d", index, tile.x, tile.y,
+                  tile.width, tile.height)
         return decoded[:, :tile.height, :tile.width, :].to(self.image.dtype)
 
     def with_tiled_fallback(self, call, tiled_call, value: torch.Tensor) -> torch.Tensor:

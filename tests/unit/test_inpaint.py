@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from comfyui_headroom.memory.inpaint import (
     MIN_TILE_SIZE, InpaintSettings, LatentNoise, TileBackend, TilesExhausted, check_conditioning,
     conditioning_for_tile, inpaint_tiled)
-from comfyui_headroom.memory.tiles import Tile, feather_mask, grow_mask, plan_grid, select_tiles
+from comfyui_headroom.memory.tiles import Tile
 
 PAINT = 0.75  # what the double sampler paints
 
@@ -89,31 +89,49 @@ def run(image, mask, double, tile_size=128, overlap=16, grow_px=4, feather_px=4,
                          InpaintSettings(tile_size, overlap, grow_px, feather_px, seed), double.backend())
 
 
-def final_mask(mask, grow_px=4, feather_px=4):
-    return feather_mask(grow_mask(mask, grow_px), feather_px)
+# A pixel farther than this from the mask is never touched: mask_grow 4 + mask_feather 4 (the run's
+# defaults below), and 4 px to spare. Written by hand, not computed with the pack's own grow/feather.
+REACH = 12
 
 
-def assert_only_the_mask_changed(result, image, mask):
-    outside = (final_mask(mask) == 0)[..., None].expand_as(image)
-    assert torch.equal(result[outside], image[outside])
-    full = (final_mask(mask) == 1)[..., None].expand_as(image)
-    assert torch.allclose(result[full], torch.full_like(result[full], PAINT), atol=1e-6)
+def boxes_mask(batch, height, width, *boxes):
+    """A MASK set to 1 in each (image, top, left, bottom, right) box."""
+    mask = torch.zeros(batch, height, width)
+    for index, top, left, bottom, right in boxes:
+        mask[index, top:bottom, left:right] = 1.0
+    return mask
+
+
+def assert_only_the_mask_changed(result, image, *boxes):
+    """Pixels more than REACH px outside every masked box are the input's exact values; the boxes
+    themselves (grown as far as they are feathered) are fully repainted."""
+    may_change = torch.zeros(image.shape[:3], dtype=torch.bool)
+    for index, top, left, bottom, right in boxes:
+        may_change[index, max(0, top - REACH):bottom + REACH, max(0, left - REACH):right + REACH] = True
+    kept = ~may_change
+    assert kept.any() and torch.equal(result[kept], image[kept]), "a pixel far outside the mask changed"
+    for index, top, left, bottom, right in boxes:
+        painted = result[index, top:bottom, left:right]
+        assert torch.allclose(painted, torch.full_like(painted, PAINT), atol=1e-6)
+
+
+def origins(report):
+    """(image, x, y) of every tile the run sampled, in order."""
+    return [(index, tile.x, tile.y) for index, tile in report.sampled_tiles]
 
 
 def test_only_the_tiles_the_final_mask_touches_are_sampled_and_blended_back():
     image = image_of(1, 300, 420)
-    mask = torch.zeros(1, 300, 420)
-    mask[0, 100:130, 100:130] = 1.0  # inside the overlap of four tiles
-    mask[0, 280:300, 400:420] = 1.0  # the bottom-right corner tile
+    boxes = [(0, 100, 100, 130, 130),  # inside the overlap of four tiles
+             (0, 280, 400, 300, 420)]  # the bottom-right corner tile
     double = DoubleBackend()
-    result, report = run(image, mask, double)
-    grid = plan_grid(300, 420, 128, 16)
-    expected = select_tiles(grid, final_mask(mask))
-    assert len(expected) == 5 and len(double.sampled) == 5
-    assert report.describe() == (f"tiles: {len(grid)} in grid (128 px, overlap 16 px), "
-                                 f"5 sampled, {len(grid) - 5} skipped")
+    result, report = run(image, boxes_mask(1, 300, 420, *boxes), double)
+    # 128 px tiles, stride 112, the last shifted back to the edge: y 0, 112, 172; x 0, 112, 224, 292
+    assert origins(report) == [(0, 0, 0), (0, 112, 0), (0, 0, 112), (0, 112, 112), (0, 292, 172)]
+    assert len(double.sampled) == 5
+    assert report.describe() == "tiles: 12 in grid (128 px, overlap 16 px), 5 sampled, 7 skipped"
     assert double.progress_calls == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
-    assert_only_the_mask_changed(result, image, mask)
+    assert_only_the_mask_changed(result, image, *boxes)
     assert double.frees == 0 and report.retries == []
     assert "sampled=5 skipped=" in report.log_line() and "oom_retries=[none]" in report.log_line()
 
@@ -137,29 +155,27 @@ def test_an_empty_mask_returns_the_image_itself_and_says_so():
 
 def test_a_batch_samples_each_image_where_its_own_mask_is_set():
     image = image_of(2, 256, 256)
-    mask = torch.zeros(2, 256, 256)
-    mask[1, 10:20, 10:20] = 1.0
+    box = (1, 10, 10, 20, 20)
     double = DoubleBackend()
-    result, report = run(image, mask, double)
+    result, report = run(image, boxes_mask(2, 256, 256, box), double)
     assert torch.equal(result[0], image[0]) and len(double.sampled) == 1
-    assert_only_the_mask_changed(result, image, mask)
+    assert origins(report) == [(1, 0, 0)]
+    assert_only_the_mask_changed(result, image, box)
     assert report.describe() == "tiles: 18 in grid over 2 images (128 px, overlap 16 px), 1 sampled, 17 skipped"
-    shared, double = torch.zeros(1, 256, 256), DoubleBackend()  # one mask for every image
-    shared[0, 10:20, 10:20] = 1.0
-    result, _ = run(image, shared, double)
-    assert len(double.sampled) == 2
-    assert_only_the_mask_changed(result, image, shared.expand(2, -1, -1))
+    double = DoubleBackend()  # one mask for every image
+    result, report = run(image, boxes_mask(1, 256, 256, (0, 10, 10, 20, 20)), double)
+    assert len(double.sampled) == 2 and origins(report) == [(0, 0, 0), (1, 0, 0)]
+    assert_only_the_mask_changed(result, image, (0, 10, 10, 20, 20), (1, 10, 10, 20, 20))
 
 
 def test_sides_that_are_not_multiples_of_8_are_padded_for_the_vae():
     image = image_of(1, 100, 150)
-    mask = torch.zeros(1, 100, 150)
-    mask[0, 40:60, 50:90] = 1.0
+    box = (0, 40, 50, 60, 90)
     double = DoubleBackend()
-    result, report = run(image, mask, double, tile_size=256)
+    result, report = run(image, boxes_mask(1, 100, 150, box), double, tile_size=256)
     assert double.calls[0] == "encode 152x104"
     assert result.shape == image.shape and "1 in grid" in report.describe()
-    assert_only_the_mask_changed(result, image, mask)
+    assert_only_the_mask_changed(result, image, box)
 
 
 def test_noise_is_one_whole_image_field_that_overlapping_tiles_share():
@@ -192,11 +208,9 @@ def test_tiles_get_their_own_sampler_seed():
 
 def test_out_of_memory_frees_halves_the_tile_and_keeps_the_smaller_size():
     image = image_of(1, 512, 512)
-    mask = torch.zeros(1, 512, 512)
-    mask[0, 20:40, 20:40] = 1.0
-    mask[0, 470:500, 470:500] = 1.0
+    boxes = [(0, 20, 20, 40, 40), (0, 470, 470, 500, 500)]
     double = DoubleBackend(oom_above=128)
-    result, report = run(image, mask, double, tile_size=512, overlap=64)
+    result, report = run(image, boxes_mask(1, 512, 512, *boxes), double, tile_size=512, overlap=64)
     # 512 fails, 256 fails, 128 fits; the second region goes straight to 128 px tiles
     assert [call for call in double.calls if call.startswith("sample")] == [
         "sample 512", "sample 256", "sample 128", "sample 128"]
@@ -209,23 +223,29 @@ def test_out_of_memory_frees_halves_the_tile_and_keeps_the_smaller_size():
                                         "out of memory 2x, survived: ")
     assert report.describe().endswith("2 tiles sampled in all, down to 128 px")
     assert double.progress_calls == [(1, 1)]
-    assert_only_the_mask_changed(result, image, mask)
+    # 256 px parts at 0, 192, 256; the failed one at 0 in 128 px parts at 0, 64, 128 (overlap 64):
+    # each mask square lies in the corner part alone
+    assert origins(report) == [(0, 0, 0), (0, 384, 384)]
+    assert_only_the_mask_changed(result, image, *boxes)
 
 
 def test_vae_encode_out_of_memory_retries_in_vae_tiles_before_halving_the_tile():
     image = image_of(1, 256, 256)
-    mask = torch.zeros(1, 256, 256)
-    mask[0, 100:120, 100:120] = 1.0
+    box = (0, 100, 100, 120, 120)
+    mask = boxes_mask(1, 256, 256, box)
     double = DoubleBackend(encode_oom_above=128)
     result, report = run(image, mask, double, tile_size=256)
     assert double.calls[:3] == ["encode 256x256", "encode_tiled 256x256", "sample 256"]
     assert len(report.retries) == 1 and "VAE encode of the 256x256 px tile" in report.retries[0]
     assert report.retries[0].endswith("retried in VAE tiles")
-    assert_only_the_mask_changed(result, image, mask)
+    assert origins(report) == [(0, 0, 0)]
+    assert_only_the_mask_changed(result, image, box)
     double = DoubleBackend(encode_oom_above=128, tiled_encode_oom=True)  # tiled also fails: halve the tile
     result, report = run(image, mask, double, tile_size=256)
     assert "retried with 128 px tiles" in report.retries[1] and report.smallest_tile == 128
-    assert_only_the_mask_changed(result, image, mask)
+    # 128 px parts of the 256 px tile, overlap 16 px: at 0, 112, 128; the square reaches 92-127
+    assert origins(report) == [(0, 0, 0), (0, 112, 0), (0, 0, 112), (0, 112, 112)]
+    assert_only_the_mask_changed(result, image, box)
 
 
 def test_when_the_smallest_tile_fails_the_error_lists_what_was_tried():
