@@ -73,15 +73,21 @@ def fill_bounds(model, budget: int) -> tuple[int, int]:
 
 
 def low_vram_state(model) -> dict:
-    """What ComfyUI's low-VRAM machinery leaves on the shared modules: cast-on-use flags, weight functions,
-    the model's low-VRAM counters. A clean model is all False/empty/0."""
+    """What ComfyUI's low-VRAM machinery leaves on the shared modules while a clone streams (read from each
+    host's model_patcher load/unpatch_model): cast-on-use flags and their saved previous values, weight and
+    bias functions, the model's low-VRAM flag, patch counter and streaming reserve."""
     modules = list(model.model.modules())
     return {"cast_on_use": sum(bool(getattr(m, "comfy_cast_weights", False)) for m in modules),
+            "previous_cast_flags": sum(hasattr(m, "prev_comfy_cast_weights") for m in modules),
             "weight_functions": sum(len(getattr(m, "weight_function", []) or []) + len(getattr(m, "bias_function", []) or [])
                                     for m in modules),
-            "previous_cast_flags": sum(hasattr(m, "prev_comfy_cast_weights") for m in modules),
             "model_lowvram": bool(getattr(model.model, "model_lowvram", False)),
-            "lowvram_patch_counter": int(getattr(model.model, "lowvram_patch_counter", 0))}
+            "lowvram_patch_counter": int(getattr(model.model, "lowvram_patch_counter", 0)),
+            "stream_reserve_bytes": int(getattr(model.model, "model_offload_buffer_memory", 0))}
+
+
+LOW_VRAM_OFF = {"cast_on_use": 0, "previous_cast_flags": 0, "weight_functions": 0, "model_lowvram": False,
+                "lowvram_patch_counter": 0, "stream_reserve_bytes": 0}  # a float32 model on the CPU, loaded whole
 
 
 class CountWeightMoves:
@@ -115,7 +121,8 @@ def tiny_model(loaded_checkpoint):
 def baseline(tiny_model):
     """The plain model's latents and its shared modules' state after a plain run, before any budget."""
     samples, residency = sample_watching_residency(tiny_model)
-    return samples, residency, low_vram_state(tiny_model)
+    assert low_vram_state(tiny_model) == LOW_VRAM_OFF  # the plain model loads whole: nothing streams
+    return samples, residency, LOW_VRAM_OFF
 
 
 @pytest.mark.parametrize("share", [1.0, 0.5, 0.25, 0.10, None], ids=["100%", "50%", "25%", "10%", "1MB"])
@@ -196,16 +203,20 @@ def test_another_workflow_gets_the_plain_model_back_fully_loaded(comfy_nodes, ti
     assert_no_headroom_clone_loaded()  # ComfyUI evicted our clone for the plain model, as it evicts any clone
 
 
-def assert_nothing_of_ours_remains(tiny_model, budgeted, baseline):
-    """After a failed or interrupted run: the plain model runs as before, fully resident, the shared modules
-    carry no low-VRAM state, no clone of ours is loaded, and our clone dies once its last holder lets go."""
+def assert_nothing_of_ours_remains(tiny_model, clone_ref, baseline):
+    """After a failed or interrupted run, before anything else runs: no clone of ours is loaded, the shared
+    modules carry no low-VRAM state, our clone (`clone_ref`: the test holds nothing else of it) dies at the
+    next collection, and the plain model then samples exactly as before, fully resident."""
     samples_unbudgeted, full_residency, clean_state = baseline
-    has_headroom_hooks = comfy_host.pack_module("memory.comfy.models").has_headroom_hooks
-    assert not has_headroom_hooks(tiny_model)
-    assert_no_headroom_clone_loaded()
     assert low_vram_state(tiny_model) == clean_state
-    clone_ref = weakref.ref(budgeted)
-    return clone_ref, samples_unbudgeted, full_residency
+    assert_no_headroom_clone_loaded()
+    assert not comfy_host.pack_module("memory.comfy.models").has_headroom_hooks(tiny_model)
+    assert tiny_model.loaded_size() in (0, tiny_model.model_size())  # unloaded, or whole as the plain run left it
+    gc.collect()
+    assert clone_ref() is None, "something still holds our clone"
+    samples, residency = sample_watching_residency(tiny_model)
+    assert samples.equal(samples_unbudgeted) and residency == full_residency
+    assert low_vram_state(tiny_model) == clean_state
 
 
 def test_an_oom_at_step_2_is_survived_through_the_ladder(comfy_nodes, tiny_model, baseline):
@@ -230,6 +241,7 @@ def oom_from_inside_the_model(model, error_factory, at_call: int, times: int = 1
         state["calls"] += 1
         if state["calls"] >= at_call and state["raised"] < times:
             state["raised"] += 1
+            state["low_vram_state_at_raise"] = low_vram_state(model)
             raise error_factory()
 
     state["handle"] = block.register_forward_pre_hook(hook)
@@ -269,14 +281,12 @@ def test_a_non_memory_error_inside_the_model_is_not_retried(comfy_nodes, tiny_mo
     finally:
         injection["handle"].remove()
     assert injection["raised"] == 1  # raised once: no rung was tried
+    assert injection["low_vram_state_at_raise"] != baseline[2]  # it failed mid-run, streaming
     (record,) = records(budgeted)
     assert record.outcome == "failed: ValueError" and record.rungs == []
-    clone_ref, samples_unbudgeted, full_residency = assert_nothing_of_ours_remains(tiny_model, budgeted, baseline)
+    clone_ref = weakref.ref(budgeted)
     del budgeted
-    gc.collect()
-    assert clone_ref() is None, "something still holds our clone"
-    samples, residency = sample_watching_residency(tiny_model)
-    assert samples.equal(samples_unbudgeted) and residency == full_residency
+    assert_nothing_of_ours_remains(tiny_model, clone_ref, baseline)
 
 
 def test_when_every_rung_fails_the_error_lists_them_and_nothing_remains(comfy_nodes, tiny_model, baseline):
@@ -290,12 +300,9 @@ def test_when_every_rung_fails_the_error_lists_them_and_nothing_remains(comfy_no
         assert rung in message
     assert isinstance(failure.value, model_management.OOM_EXCEPTION)  # ComfyUI still shows its own OOM advice
     assert records(budgeted)[0].outcome == "failed: BudgetExhausted"
-    clone_ref, samples_unbudgeted, full_residency = assert_nothing_of_ours_remains(tiny_model, budgeted, baseline)
-    del budgeted, failure
-    gc.collect()
-    assert clone_ref() is None, "something still holds our clone"
-    samples, residency = sample_watching_residency(tiny_model)  # the plain model samples as before
-    assert samples.equal(samples_unbudgeted) and residency == full_residency
+    clone_ref = weakref.ref(budgeted)
+    del budgeted, failure  # the traceback holds the run's frames
+    assert_nothing_of_ours_remains(tiny_model, clone_ref, baseline)
 
 
 def test_an_interrupted_run_leaves_nothing_behind(comfy_nodes, tiny_model, baseline):
@@ -307,12 +314,9 @@ def test_an_interrupted_run_leaves_nothing_behind(comfy_nodes, tiny_model, basel
     finally:
         model_management.interrupt_current_processing(False)
     assert records(budgeted)[0].outcome == "interrupted"
-    clone_ref, samples_unbudgeted, full_residency = assert_nothing_of_ours_remains(tiny_model, budgeted, baseline)
+    clone_ref = weakref.ref(budgeted)
     del budgeted
-    gc.collect()
-    assert clone_ref() is None, "something still holds our clone"
-    after, residency = sample_watching_residency(tiny_model)
-    assert after.equal(samples_unbudgeted) and residency == full_residency
+    assert_nothing_of_ours_remains(tiny_model, clone_ref, baseline)
 
 
 def test_split_cond_uncond_runs_the_model_once_per_cond(comfy_nodes, tiny_model):
