@@ -54,6 +54,49 @@ def budget_method(features: HostFeatures, dynamic: bool) -> BudgetMethod:
                              "for a hard cap")
 
 
+@dataclasses.dataclass(frozen=True)
+class LoadUnit:
+    """Weights ComfyUI's legacy load moves onto the device as one unit: one module's own parameters."""
+    name: str
+    bytes: int  # the unit's weights
+    streaming_bytes: int  # what streaming it takes on the device (more than `bytes` when cast to another dtype)
+
+
+def resident_after_streamed_load(units: list[LoadUnit], given_bytes: int, streams: int) -> int:
+    """The weight bytes ComfyUI's legacy load (v0.12+) leaves resident when a load is given `given_bytes`.
+
+    Its rule: units largest-streaming-cost first; one loads when the loaded bytes, its own and a reserve for
+    streaming the others still fit under `given_bytes`. The reserve is the largest seen of (a unit's streaming
+    cost + the `streams` units after it), so a load given the budget keeps only the budget less that reserve:
+    with a reserve as large as a module or more, a small budget loads nothing at all.
+    """
+    ordered = sorted(units, key=lambda unit: (unit.streaming_bytes, unit.bytes, unit.name), reverse=True)
+    loaded = reserve = 0
+    for index, unit in enumerate(ordered):
+        following = sum(later.bytes for later in ordered[index + 1:index + 1 + streams])
+        needed = max(reserve, unit.streaming_bytes + following)
+        if loaded + unit.bytes + needed < given_bytes:
+            loaded += unit.bytes
+        else:
+            reserve = needed
+    return loaded
+
+
+def memory_to_give_streamed_load(units: list[LoadUnit], limit_bytes: int, streams: int) -> int:
+    """The most memory to give ComfyUI's legacy load (v0.12+) so that it keeps at most `limit_bytes` of weights
+    resident: the budget plus as much of ComfyUI's streaming reserve as fits. The budget is a ceiling to
+    fill; given only the budget, the load undercuts it by the reserve."""
+    total = sum(unit.bytes for unit in units)
+    low, high = limit_bytes, limit_bytes + total + 1  # the result grows with the memory given (by steps)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if resident_after_streamed_load(units, middle, streams) <= limit_bytes:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
 def vbar_cap_bytes(resident_limit_bytes: int, loaded_outside_vbar_bytes: int) -> int:
     """The VBAR watermark that keeps a dynamic model's resident weights within the limit: ComfyUI force-loads
     small weights and buffers outside the VBAR, and those count against the limit first."""

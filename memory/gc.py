@@ -20,6 +20,7 @@ import psutil
 import torch
 
 GB = 1024 ** 3
+MB = 1024 ** 2
 
 
 class ModelHost(Protocol):
@@ -103,7 +104,7 @@ class GcRecord:
         line = (f"{head} collected={self.objects_collected} "
                 f"ram={self.before.ram_bytes / GB:.2f}->{self.after.ram_bytes / GB:.2f}GB "
                 f"vram={vram_before:.2f}->{vram_after:.2f}GB "
-                f"freed=ram:{self.ram_freed_bytes / GB:.2f}GB,vram:{self.vram_freed_bytes / GB:.2f}GB "
+                f"freed=ram:{self.ram_freed_bytes / MB:.1f}MB,vram:{self.vram_freed_bytes / MB:.1f}MB "
                 f"unloaded=[{', '.join(self.models_unloaded)}] "
                 f"ram_trimmed={'yes' if self.ram_trimmed else 'no'} time={self.seconds:.3f}s")
         if self.models_still_referenced:

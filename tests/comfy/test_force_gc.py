@@ -1,4 +1,10 @@
-"""Force GC inside real ComfyUI: unloads what ComfyUI keeps loaded, says so, and refuses bad input."""
+"""Force GC inside real ComfyUI: unloads what ComfyUI keeps loaded, frees a model nothing else holds (its RAM
+comes back and the record says so), says why when something does hold it, and refuses bad input."""
+import gc
+import re
+import weakref
+
+import psutil
 import pytest
 
 import comfy_host
@@ -26,7 +32,7 @@ def test_force_gc_unloads_the_sampled_model_and_passes_the_value_through(comfy_n
     assert "collected=" in record and "threshold=0%" in record and "device=cpu" in record
     # the model object is still held by this test (as a cached loader output would hold it): the
     # record must say why its RAM was not freed instead of claiming a saving
-    assert "still referenced" in record
+    assert "still referenced" in record and "still_referenced=[SD15]" in record
     assert output.ui.as_dict() == {"text": (record,)}
 
 
@@ -58,3 +64,35 @@ def test_force_gc_refuses_a_threshold_outside_0_to_100(comfy_nodes, threshold):
     with pytest.raises(ValueError, match="threshold_percent .* is outside 0-100"):
         comfy_host.run_v3_node(force_gc, value=None, threshold_percent=threshold,
                                unload_models=True, trim_ram=True)
+
+
+def sampled_and_dropped(nodes, checkpoint) -> tuple[weakref.ref, int]:
+    """Load the checkpoint's diffusion model, sample with it (ComfyUI keeps it loaded), and drop every
+    reference of ours, leaving it in a reference cycle, as a failed node's traceback or a closure leaves one:
+    only a garbage collection frees it. A weakref to its weights' module and their size come back."""
+    import comfy.sd
+    model = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False, output_clip=False)[0]
+    sample(nodes, model)
+    cycle = {"model": model}
+    cycle["self"] = cycle
+    return weakref.ref(model.model), model.model_size()
+
+
+def freed_ram_bytes(record: str) -> int:
+    (megabytes,) = re.findall(r"freed=ram:(-?[0-9.]+)MB", record)
+    return int(float(megabytes) * 2 ** 20)
+
+
+def test_force_gc_frees_a_model_nothing_else_holds_and_says_so(comfy_nodes, tiny_checkpoint):
+    weights_ref, weights_bytes = sampled_and_dropped(comfy_nodes, tiny_checkpoint)
+    assert weights_ref() is not None and loaded_names() == ["BaseModel"]  # only ComfyUI's loaded list holds it
+    rss_before = psutil.Process().memory_info().rss
+    force_gc = comfy_nodes.NODE_CLASS_MAPPINGS["HeadroomForceGC"]
+    _, record = comfy_host.run_v3_node(force_gc, value=None, threshold_percent=0.0, unload_models=True,
+                                       trim_ram=True).args
+    rss_after = psutil.Process().memory_info().rss
+    assert weights_ref() is None, "the model outlived Force GC"
+    assert loaded_names() == [] and "unloaded=[SD15]" in record
+    assert "still_referenced" not in record and "note=" not in record, record
+    assert rss_before - rss_after >= 0.75 * weights_bytes, (rss_before - rss_after, weights_bytes)
+    assert freed_ram_bytes(record) >= 0.75 * weights_bytes, record  # the record says what was freed
